@@ -1,0 +1,42 @@
+"""llmjax: a JAX-native framework for every stage of a language model's life."""
+import setuptools
+
+CORE = [
+    "jax>=0.10,<0.13",
+    "flax>=0.12,<0.14",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "array_record>=0.7",
+    "sentencepiece>=0.2",
+    "chex>=0.1.90",
+    "absl-py>=2.1",
+    "gin-config>=0.5",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "tensorboardX>=2.6",
+]
+
+setuptools.setup(
+    name="llmjax",
+    version="0.1.0",
+    description="Pretrain, fine-tune, align and export Llama/Qwen2-style models in JAX.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["llmjax", "llmjax.*"]),
+    package_data={"llmjax": ["experiments/**/*.gin"]},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={
+        # torch (CPU build) and transformers are the real client that proves HF interop.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=4.45", "tokenizers>=0.19"],
+        "gpu": ["jax[cuda12]>=0.10,<0.13"],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
+    },
+    entry_points={
+        "console_scripts": [
+            "llmjax-train=llmjax.cli.train:run_main",
+            "llmjax-generate=llmjax.cli.generate:run_main",
+            "llmjax-tokenizer=llmjax.cli.tokenizer:run_main",
+        ]
+    },
+)
