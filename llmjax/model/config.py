@@ -1,0 +1,139 @@
+"""Model configuration and the named presets (Llama-2/3 and Qwen2 families)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import gin
+
+from llmjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 style rotary frequency scaling (`rope_type: llama3` in HF configs)."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a decoder-only transformer.
+
+  The shape fields (everything except `dtype`) define the checkpoint; `dtype` is the compute
+  dtype and may change between runs. Parameters are always stored in `param_dtype`.
+  """
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  head_dim: int | None = None  # None: d_model // n_heads
+  rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False  # Qwen2 has a bias on q, k and v projections.
+  tie_embeddings: bool = False
+  max_seq_len: int = 2048
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype: float32 or bfloat16
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    problems = []
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                 "max_seq_len"):
+      if getattr(self, name) <= 0:
+        problems.append(f"{name} must be positive, got {getattr(self, name)}")
+    if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+      problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                      f"({self.n_kv_heads}) for grouped-query attention")
+    if self.head_dim is None and self.n_heads > 0 and self.d_model % self.n_heads:
+      problems.append(f"d_model ({self.d_model}) is not divisible by n_heads ({self.n_heads}); "
+                      "set head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      problems.append(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        problems.append(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+    if problems:
+      raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // max(self.n_heads, 1)
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Exact parameter count of the model this config builds."""
+    hd = self.resolved_head_dim
+    attn = self.d_model * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * self.d_model
+    if self.qkv_bias:
+      attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+    mlp = 3 * self.d_model * self.d_ff
+    per_layer = attn + mlp + 2 * self.d_model
+    total = self.n_layers * per_layer + self.d_model
+    if include_embeddings:
+      total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return total
+
+  def shape_dict(self) -> dict[str, Any]:
+    """The fields that must match between a checkpoint and the model restoring it."""
+    d = dataclasses.asdict(self)
+    for numerics_only in ("dtype", "init_std", "max_seq_len"):
+      d.pop(numerics_only)
+    return d
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests and the default experiment: minutes on a laptop.
+    "tiny": ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=384, rope_theta=10_000.0, max_seq_len=512),
+    # ~110M parameters: the CPU throughput benchmark's mid-size model.
+    "llama_100m": ModelConfig(vocab_size=32_000, d_model=768, n_layers=12, n_heads=12,
+                              n_kv_heads=4, d_ff=2048, rope_theta=10_000.0, max_seq_len=2048),
+    # Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json).
+    "llama3_1b": ModelConfig(vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32,
+                             n_kv_heads=8, d_ff=8192, head_dim=64, rope_theta=500_000.0,
+                             rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), norm_eps=1e-5,
+                             tie_embeddings=True, max_seq_len=131_072),
+    # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json).
+    "llama3_8b": ModelConfig(vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=8, d_ff=14_336, rope_theta=500_000.0, norm_eps=1e-5,
+                             max_seq_len=8192),
+    # Qwen2.5-0.5B (Qwen/Qwen2.5-0.5B config.json).
+    "qwen2_5_0_5b": ModelConfig(vocab_size=151_936, d_model=896, n_layers=24, n_heads=14,
+                                n_kv_heads=2, d_ff=4864, head_dim=64, rope_theta=1_000_000.0,
+                                norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
+                                max_seq_len=32_768),
+}
+
+
+@gin.configurable
+def model_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
+  """A preset with field overrides, e.g. `model_config.overrides = {'n_layers': 4}` in gin."""
+  if preset not in PRESETS:
+    raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+  overrides = dict(overrides or {})
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ConfigError(f"model_config.overrides has unknown field(s) {unknown}; "
+                      f"valid fields are {sorted(fields)}")
+  if isinstance(overrides.get("rope_scaling"), dict):
+    overrides["rope_scaling"] = RopeScaling(**overrides["rope_scaling"])
+  return dataclasses.replace(PRESETS[preset], **overrides)
