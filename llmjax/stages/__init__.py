@@ -1,0 +1,50 @@
+"""Stages and the pipeline that runs them in order.
+
+A gin file lists the stages (`pipeline.stages = ['pretrain', 'sft']`); each name maps to a
+gin-configurable factory here. All stages are configured before the first one runs, so a
+missing or wrong value anywhere fails before any compile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import gin
+
+from llmjax.errors import ConfigError
+from llmjax.stages.context import RunContext
+from llmjax.stages.pretrain import pretrain_stage
+
+STAGES: dict[str, Callable[[], Any]] = {
+    "pretrain": pretrain_stage,
+}
+
+
+@gin.configurable
+def pipeline(stages: Sequence[str] = ("pretrain",)) -> list[str]:
+  """The stage names to run, in order."""
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ConfigError(f"pipeline.stages names unknown stage(s) {unknown}; known stages are "
+                      f"{sorted(STAGES)}")
+  if not stages:
+    raise ConfigError("pipeline.stages is empty: name at least one stage")
+  return list(stages)
+
+
+def configure_stages() -> list[Any]:
+  """Builds every stage of the pipeline from the parsed gin config."""
+  return [STAGES[name]() for name in pipeline()]
+
+
+def run_stages(stages: list[Any], ctx: RunContext) -> RunContext:
+  """Runs the stages in order, each starting from the previous one's parameters."""
+  for stage in stages:
+    if ctx.model_cfg is not None and ctx.model_cfg.shape_dict() != stage.model.shape_dict():
+      raise ConfigError(f"stage {stage.name!r} has a different model config than the stage "
+                        "before it; stages of one pipeline share one model")
+    result = stage.run(ctx)
+    ctx.params, ctx.model_cfg = result.params, stage.model
+    if not result.finished:
+      break
+  return ctx

@@ -1,0 +1,155 @@
+"""Orbax checkpoints that resume exactly: train state, data iterator position, model config.
+
+Layout of `<workdir>/checkpoints/<stage>/<step>/`:
+  params/ the model parameters alone, so export and generation read only what they need
+  train/  optimizer state, step, RNG (OCDBT; sharded arrays restore resharded)
+  data/   the grain iterator state of each process
+  meta/   JSON: the model config and what produced the checkpoint
+
+Orbax writes each step into a temporary directory and renames it into place only after every
+item is written, so a crash mid-save leaves nothing that `latest_step()` will pick up.
+"""
+
+from __future__ import annotations
+
+import os
+import dataclasses
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+import grain
+
+from llmjax.errors import CheckpointError
+from llmjax.model.config import ModelConfig
+
+
+class Checkpointer:
+  """Saves every `every` steps (asynchronously), keeps the newest `keep`."""
+
+  def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "train": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return step % self.every == 0
+
+  def save(self, step: int, state: Any, data_iter: Any | None, meta: dict[str, Any]) -> None:
+    """Starts an async save of `state` (a dict with 'params') and the iterator position."""
+    train = {k: v for k, v in state.items() if k != "params"}
+    items = {"params": ocp.args.StandardSave(state["params"]),
+             "train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    """The state at `step`, laid out like `abstract_state` (shapes, dtypes, shardings).
+
+    `data_iter`, when given, is moved to the saved position in place.
+    """
+    train = {k: v for k, v in abstract_state.items() if k != "params"}
+    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
+             "train": ocp.args.StandardRestore(train)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return {"params": restored["params"], **restored["train"]}
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters at `step` (for generation and export)."""
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+    return self._manager.restore(step, args=args)["params"]
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_same_model(saved: dict[str, Any], cfg: ModelConfig, where: str) -> None:
+  """Raises CheckpointError naming each shape field where `saved` and `cfg` differ."""
+  ours = cfg.shape_dict()
+  theirs = ModelConfig.from_dict(saved).shape_dict()
+  diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs config {ours[k]!r}"
+           for k in ours if theirs.get(k) != ours[k]]
+  if diffs:
+    raise CheckpointError(
+        f"{where} holds a checkpoint of a different model ({'; '.join(diffs)}). Use a new "
+        "--workdir, or set the model config back to the checkpoint's.")
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) describing `tree`, for restoring into its layout."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def newest_stage(workdir: str) -> str:
+  """The stage of `workdir` whose checkpoint directory changed last."""
+  root = os.path.join(workdir, "checkpoints")
+  stages = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+      if os.path.isdir(root) else []
+  if not stages:
+    raise CheckpointError(f"no checkpoints under {root}: train first (llmjax-train "
+                          f"--workdir={workdir})")
+  return max(stages, key=lambda s: os.path.getmtime(os.path.join(root, s)))
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run's parameters with everything needed to use them."""
+  graphdef: Any
+  params: Any
+  model_cfg: ModelConfig
+  tokenizer: Any
+  stage: str
+  step: int
+  meta: dict[str, Any]
+
+
+def load_run(workdir: str, stage: str | None = None, step: int | None = None,
+             abstract_params: Any = None) -> LoadedRun:
+  """Parameters, config and tokenizer from a run's (or an import's) checkpoint.
+
+  `stage` defaults to the newest saved stage, `step` to its latest step. `abstract_params`
+  (ShapeDtypeStructs with shardings) chooses where the arrays land; default: one device.
+  """
+  from flax import nnx
+  from llmjax.data.tokenizer import Tokenizer
+  from llmjax.model.transformer import build_model
+
+  stage = stage or newest_stage(workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage), every=1)
+  try:
+    step = step if step is not None else ckpt.latest_step()
+    if step is None or step not in ckpt.all_steps():
+      raise CheckpointError(f"no checkpoint step {step} for stage {stage!r} in {workdir}; "
+                            f"saved steps: {ckpt.all_steps()}")
+    meta = ckpt.read_meta(step)
+    cfg = ModelConfig.from_dict(meta["model"])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+    params = ckpt.restore_params(step, abstract_params or abstract_like(abstract))
+  finally:
+    ckpt.close()
+  tokenizer = Tokenizer.load(os.path.join(workdir, meta.get("tokenizer", "tokenizer.model")))
+  return LoadedRun(graphdef, params, cfg, tokenizer, stage, step, meta)

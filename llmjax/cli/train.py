@@ -1,0 +1,68 @@
+"""`llmjax-train`: run the stages an experiment file chooses.
+
+  llmjax-train --workdir=runs/tiny                          # the built-in tiny experiment
+  llmjax-train --gin_file=experiments/llama3_1b/pretrain.gin --workdir=/data/run1 \
+      --gin.TrainConfig.total_steps=2000 --gin_bindings="DataConfig.seq_len = 4096"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import gin
+from absl import app, flags, logging
+
+from llmjax.cli import gin_flags
+from llmjax.errors import ConfigError, LlmjaxError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, tokenizer.")
+flags.DEFINE_integer("stop_after_steps", None,
+                     "Checkpoint and stop once a stage reaches this step, as a preemption "
+                     "would; running again resumes.")
+
+
+def configure(workdir: str):
+  """Parses gin from the flags and builds every stage; writes `<workdir>/config.gin`."""
+  from llmjax import stages
+  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+  try:
+    configured = stages.configure_stages()
+  except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
+    if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
+      raise ConfigError(f"gin config: {e}. Bind it in the gin file or with "
+                        "--gin.NAME=VALUE.") from None
+    raise
+  os.makedirs(workdir, exist_ok=True)
+  import jax
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
+  return configured
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  from llmjax import stages
+  try:
+    configured = configure(FLAGS.workdir)
+    names = [s.name for s in configured]
+    logging.info("Running stages %s in %s", names, FLAGS.workdir)
+    ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps)
+    stages.run_stages(configured, ctx)
+  except LlmjaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"done: results in {os.path.abspath(FLAGS.workdir)}", file=sys.stderr)
+
+
+def run_main():
+  app.run(main, argv=gin_flags.argv_with_gin_shorthand())
+
+
+if __name__ == "__main__":
+  run_main()

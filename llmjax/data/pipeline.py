@@ -1,0 +1,155 @@
+"""grain pipelines: documents -> tokens -> packed `seq_len` rows -> batches.
+
+Rows are packed with concat-then-split: documents are laid end to end and cut at `seq_len`,
+so no compute is spent on padding except at the very end of a finite dataset. Each row
+carries `segment_ids` (1, 2, ... per document, 0 = padding) and `positions` (restarting at 0
+per document) so attention never crosses a document boundary.
+
+Batch layout (numpy, int32, `[batch, seq_len]`): `tokens`, `targets`, `loss_mask`,
+`segment_ids`, `positions`. Targets are shifted per document *before* packing, so the last
+token of one document is never trained to predict the first of the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gin
+import grain
+import numpy as np
+
+from llmjax.data import sources as sources_lib
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.errors import ConfigError
+
+Batch = dict[str, np.ndarray]
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it is cut into batches.
+
+  Attributes:
+    format: 'builtin' (the synthetic world), 'text', 'jsonl' or 'arrayrecord'.
+    train_paths: files or globs for the file formats.
+    eval_paths: held-out files; when empty, `eval_documents` documents of the training
+      source are held out (a fixed, seed-independent selection).
+    field: the JSON field holding the text (jsonl, and arrayrecord of JSON records).
+    skip_bad_lines: skip and count malformed JSONL lines instead of failing.
+    seq_len: tokens per packed row.
+    batch_size: rows per optimizer step, summed over all processes and microbatches.
+    eval_documents: documents held out for eval when `eval_paths` is empty.
+    eval_batches: batches per evaluation.
+    seed: shuffling seed (each epoch reshuffles).
+    num_epochs: None repeats forever.
+  """
+  format: str = "builtin"
+  train_paths: tuple[str, ...] = ()
+  eval_paths: tuple[str, ...] = ()
+  field: str = "text"
+  skip_bad_lines: bool = False
+  seq_len: int = 256
+  batch_size: int = 16
+  eval_documents: int = 500
+  eval_batches: int = 4
+  seed: int = 0
+  num_epochs: int | None = None
+
+  def __post_init__(self):
+    if self.seq_len < 2:
+      raise ConfigError(f"DataConfig.seq_len must be at least 2 (one input and one target "
+                        f"token), got {self.seq_len}")
+    if self.batch_size < 1:
+      raise ConfigError(f"DataConfig.batch_size must be positive, got {self.batch_size}")
+
+
+def document_sources(cfg: DataConfig) -> tuple[Any, Any]:
+  """(train, eval) random-access sources of documents (str). Fails fast on bad files."""
+  if cfg.format == "builtin":
+    return sources_lib.BuiltinSource("train", seed=cfg.seed), sources_lib.BuiltinSource("eval")
+  kwargs = {"skip_bad_lines": cfg.skip_bad_lines} if cfg.format == "jsonl" else {}
+  if cfg.format in ("jsonl", "arrayrecord"):
+    kwargs["field"] = cfg.field if cfg.format == "jsonl" or cfg.field != "text" else None
+  train = sources_lib.make_source(cfg.format, list(cfg.train_paths), **kwargs)
+  if cfg.eval_paths:
+    return train, sources_lib.make_source(cfg.format, list(cfg.eval_paths), **kwargs)
+  if len(train) <= cfg.eval_documents:
+    raise ConfigError(f"the training data has {len(train)} documents, too few to hold out "
+                      f"DataConfig.eval_documents={cfg.eval_documents} for eval: give "
+                      "eval_paths or lower eval_documents")
+  # A fixed permutation (not cfg.seed) so changing the shuffle seed never leaks eval data.
+  held_out = grain.MapDataset.source(train).shuffle(seed=12345)
+  return held_out[cfg.eval_documents:], held_out[:cfg.eval_documents]
+
+
+class TokenizeDocument:
+  """Document text -> `inputs`/`targets`/`loss_mask` arrays (picklable for grain workers)."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, text: str) -> dict[str, np.ndarray]:
+    ids = np.asarray(self.tokenizer.encode(text, add_bos=True, add_eos=True), np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": np.ones(len(ids) - 1, np.int32)}
+
+
+def pack_documents(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+  """Packs per-document `inputs`/`targets`/`loss_mask` into rows of `seq_len` (see module doc)."""
+  packed = grain.experimental.ConcatThenSplitIterDataset(
+      ds, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len})
+  return packed.map(_rename_packed)
+
+
+def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"tokens": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"],
+          "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+def _batched(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
+             batch_size: int, drop_remainder: bool) -> grain.IterDataset:
+  tokens = docs.map(TokenizeDocument(tokenizer)).to_iter_dataset()
+  return pack_documents(tokens, seq_len).batch(batch_size, drop_remainder=drop_remainder)
+
+
+def train_dataset(cfg: DataConfig, tokenizer: Tokenizer, train_source: Any,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's infinite (or `num_epochs`) stream of training batches.
+
+  Each process reads a disjoint shard of the documents and yields `batch_size //
+  process_count` rows, so the global batch is `batch_size` rows.
+  """
+  if cfg.batch_size % process_count:
+    raise ConfigError(f"DataConfig.batch_size={cfg.batch_size} must be divisible by the "
+                      f"number of processes ({process_count})")
+  docs = grain.MapDataset.source(train_source)[process_index::process_count]
+  docs = docs.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+  return _batched(docs, tokenizer, cfg.seq_len, cfg.batch_size // process_count,
+                  drop_remainder=True)
+
+
+def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, eval_source: Any,
+                 process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """The fixed held-out batches (the same every evaluation, padded rows masked out)."""
+  docs = grain.MapDataset.source(eval_source)[process_index::process_count]
+  ds = _batched(docs, tokenizer, cfg.seq_len, cfg.batch_size // process_count,
+                drop_remainder=False)
+  out = []
+  for batch in ds:
+    out.append(_pad_rows(batch, cfg.batch_size // process_count))
+    if len(out) == cfg.eval_batches:
+      break
+  if not out:
+    raise ConfigError("the eval split produced no batches: give more eval documents")
+  return out
+
+
+def _pad_rows(batch: Batch, rows: int) -> Batch:
+  """Pads a short final batch with all-padding rows so every eval batch has one shape."""
+  n = batch["tokens"].shape[0]
+  if n == rows:
+    return batch
+  return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in
+          batch.items()}

@@ -1,0 +1,130 @@
+"""Numbers a user can trust: model FLOPs, MFU, tokens/s; and where they are written.
+
+Every logged step goes to three places: `metrics.jsonl` (one JSON object per line, the
+machine-readable record), TensorBoard event files, and a progress line on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+from llmjax.model.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
+PEAK_BF16_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,  # SXM; PCIe cards are slower and match this prefix too
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """The chip's dense bf16 peak, or None when unknown (CPUs: pass it in by hand)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for prefix in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_BF16_FLOPS[prefix]
+  return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: forward + backward (x3) of every matmul, attention included.
+
+  6 * (matmul parameters) + 12 * layers * heads * head_dim * seq_len, the PaLM appendix-B
+  accounting. The input embedding is a lookup, not a matmul; the output projection is one
+  even when tied.
+  """
+  matmul_params = cfg.num_params(include_embeddings=False) + cfg.d_model * cfg.vocab_size
+  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
+  return 6.0 * matmul_params + attention
+
+
+class MetricsWriter:
+  """Appends metrics to `metrics.jsonl` and TensorBoard, and draws console progress."""
+
+  def __init__(self, workdir: str, stage: str, total_steps: int, enabled: bool = True):
+    self.stage = stage
+    self.total_steps = total_steps
+    self.enabled = enabled  # only process 0 writes in multi-host runs
+    self._tty = sys.stderr.isatty()
+    self._start = time.time()
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      from tensorboardX import SummaryWriter  # imported late: heavy, and only process 0 needs it
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+
+  def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+    """One record: `{"stage", "step", "kind", **metrics}`; eval records have kind 'eval'."""
+    if not self.enabled:
+      return
+    clean = {k: _plain(v) for k, v in metrics.items()}
+    record = {"stage": self.stage, "step": step, "kind": kind, **clean}
+    self._jsonl.write(json.dumps(record) + "\n")
+    for name, value in clean.items():
+      if isinstance(value, (int, float)) and value is not None:
+        self._tb.add_scalar(f"{kind}/{name}", value, step)
+    self._console(step, clean, kind)
+
+  def _console(self, step: int, m: dict[str, Any], kind: str) -> None:
+    if kind == "eval":
+      text = " ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
+      self._print(f"[{self.stage}] eval @ step {step}: {text}", newline=True)
+      return
+    frac = step / max(self.total_steps, 1)
+    bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+    elapsed = time.time() - self._start
+    parts = [f"[{self.stage}] |{bar}| {step}/{self.total_steps}", f"loss {m.get('loss', 0):.4f}"]
+    if m.get("tokens_per_sec"):
+      parts.append(f"{m['tokens_per_sec']:,.0f} tok/s")
+    if m.get("mfu") is not None:
+      parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    parts.append(f"elapsed {_hms(elapsed)}")
+    self._print("  ".join(parts), newline=not self._tty or step >= self.total_steps)
+
+  def _print(self, text: str, newline: bool) -> None:
+    if self._tty:
+      sys.stderr.write("\r\033[K" + text + ("\n" if newline else ""))
+    else:
+      sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+  if hasattr(v, "item"):
+    v = v.item()
+  return float(v) if isinstance(v, float) else v
+
+
+def _hms(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All records of `metrics.jsonl` (tests and report cards read runs through this)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

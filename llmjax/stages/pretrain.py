@@ -1,0 +1,60 @@
+"""Stage `pretrain`: next-token prediction on raw text, packed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+
+from llmjax import metrics as metrics_lib
+from llmjax.data import pipeline
+from llmjax.model.config import ModelConfig
+from llmjax.stages.context import RunContext, TokenizerConfig
+from llmjax.train import loop
+from llmjax.train.losses import lm_loss
+from llmjax.train.optimizer import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+  name = "pretrain"
+  model: ModelConfig
+  data: pipeline.DataConfig
+  train: loop.TrainConfig
+  optimizer: OptimizerConfig
+  tokenizer: TokenizerConfig
+  init_from: str | None = None
+
+  def run(self, ctx: RunContext) -> loop.TrainResult:
+    ctx.start_from(self.init_from, self.model)
+    train_docs, eval_docs = pipeline.document_sources(self.data)
+    tokenizer = ctx.ensure_tokenizer(self.tokenizer, train_docs, self.model)
+    pid, nproc = jax.process_index(), jax.process_count()
+    train_ds = pipeline.train_dataset(self.data, tokenizer, train_docs, pid, nproc)
+    eval_data = pipeline.eval_batches(self.data, tokenizer, eval_docs, pid, nproc)
+    writer = metrics_lib.MetricsWriter(ctx.workdir, self.name, self.train.total_steps,
+                                       enabled=ctx.is_chief)
+    try:
+      return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
+                        loss_fn=lm_loss, train_data=train_ds, eval_data=eval_data,
+                        train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
+                        initial_params=ctx.params, meta={"tokenizer": "tokenizer.model"},
+                        stop_after=ctx.stop_after)
+    finally:
+      writer.close()
+
+
+@gin.configurable("pretrain")
+def pretrain_stage(model: ModelConfig = gin.REQUIRED,
+                   data: pipeline.DataConfig = gin.REQUIRED,
+                   train: loop.TrainConfig = gin.REQUIRED,
+                   optimizer: OptimizerConfig = OptimizerConfig(),
+                   tokenizer: TokenizerConfig = TokenizerConfig(),
+                   init_from: str | None = None) -> Pretrain:
+  """The pretraining stage as configured in gin (`pretrain.model = @model_config()`, ...).
+
+  `init_from`: a workdir (a run, or an `llmjax-import` of an HF model) whose newest
+  checkpoint gives the starting parameters and tokenizer, e.g. to continue pretraining.
+  """
+  return Pretrain(model, data, train, optimizer, tokenizer, init_from)

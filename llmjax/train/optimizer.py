@@ -1,0 +1,53 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping (optax)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import optax
+
+from llmjax.errors import ConfigError
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW hyperparameters; the schedule's length is the stage's `total_steps`."""
+  learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1  # the cosine ends at learning_rate * min_lr_ratio
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip_norm: float | None = 1.0
+
+  def __post_init__(self):
+    if self.learning_rate <= 0:
+      raise ConfigError(f"OptimizerConfig.learning_rate must be positive, got {self.learning_rate}")
+    if self.warmup_steps < 0:
+      raise ConfigError(f"OptimizerConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then cosine decay to the floor at `total_steps`."""
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+  # Norm scales and biases are not decayed: shrinking them toward 0 has no regularizing use.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """The optax chain: clip by global norm, then AdamW on the schedule."""
+  adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                      eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
+  if cfg.grad_clip_norm is None:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
