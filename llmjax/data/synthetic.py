@@ -1,0 +1,302 @@
+"""A small deterministic synthetic world: people with attributes, and small-integer arithmetic.
+
+The default experiment pretrains on templated documents about this world, and the later
+stages reuse the same facts: `qa_pairs` (SFT), `preference_pairs` (DPO-style preferences)
+and `arithmetic_problems` + `check_answer` (GRPO with a verifiable reward).
+
+Everything is drawn from `numpy.random.Generator`s seeded with integer lists, so the output
+is identical on every machine and Python version (no `hash()`, no set iteration order).
+The world itself is always `build_world(WORLD_SEED)`: the `seed` arguments only change which
+documents/questions are drawn, so a training run with another seed still sees the same facts
+as the eval split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import numpy as np
+
+from llmjax.errors import ConfigError
+
+WORLD_SEED = 0
+NAMES = (
+    "Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack",
+    "Karen", "Liam", "Maria", "Nathan", "Olivia", "Peter", "Quinn", "Rosa", "Samuel", "Tara",
+    "Umar", "Vera", "Walter", "Xenia", "Yusuf", "Zoe", "Aaron", "Bella", "Carlos", "Diana",
+    "Elias", "Fiona", "George", "Hannah", "Ivan", "Julia", "Kevin", "Laura", "Marco", "Nina",
+    "Oscar", "Paula", "Ralph", "Sofia", "Thomas", "Ursula", "Victor", "Wendy")
+CITIES = ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Berlin", "Madrid", "Dublin",
+          "Vienna", "Prague", "Lisbon")
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
+PETS = ("a cat", "a dog", "an owl", "a rabbit", "a parrot", "a hamster", "a turtle",
+        "a goldfish", "a horse", "an iguana")
+JOBS = ("a baker", "a doctor", "a teacher", "an engineer", "a farmer", "a pilot", "a painter",
+        "a nurse", "a chef", "a librarian")
+AGES = tuple(range(20, 70))
+ATTRIBUTES = ("city", "colour", "pet", "age", "job")
+_VALUES = {"city": CITIES, "colour": COLOURS, "pet": PETS, "age": AGES, "job": JOBS}
+MAX_OPERAND = 20
+OPS = ("+", "-", "*")
+
+# Several phrasings per fact, so the model has to learn the fact, not one sentence.
+_STATEMENTS = {
+    "city": ("{name} lives in {v}.", "{name}'s home is in {v}.",
+             "The city where {name} lives is {v}.", "{name} is a resident of {v}."),
+    "colour": ("{name}'s favourite colour is {v}.", "{name} likes {v} more than any other colour.",
+               "The favourite colour of {name} is {v}.", "Of all colours, {name} prefers {v}."),
+    "pet": ("{name} has {v}.", "{name} owns {v} as a pet.", "The pet of {name} is {v}.",
+            "{name} takes care of {v} at home."),
+    "age": ("{name} is {v} years old.", "The age of {name} is {v}.",
+            "{name} turned {v} this year.", "{name}'s age is {v}."),
+    "job": ("{name} works as {v}.", "By profession, {name} is {v}.",
+            "{name} earns a living as {v}.", "The job of {name}: {v}."),
+}
+_ARITH_STATEMENTS = {
+    "+": ("{a} + {b} = {c}.", "{a} plus {b} equals {c}.", "The sum of {a} and {b} is {c}."),
+    "-": ("{a} - {b} = {c}.", "{a} minus {b} equals {c}.", "Taking {b} from {a} leaves {c}."),
+    "*": ("{a} * {b} = {c}.", "{a} times {b} equals {c}.", "The product of {a} and {b} is {c}."),
+}
+# Questions: the eval split asks with phrasings never used in train.
+_QUESTIONS = {
+    "train": {
+        "city": ("Where does {name} live?", "In which city does {name} live?"),
+        "colour": ("What is {name}'s favourite colour?", "Which colour does {name} like best?"),
+        "pet": ("What pet does {name} have?", "Which animal does {name} own?"),
+        "age": ("How old is {name}?", "What is {name}'s age?"),
+        "job": ("What does {name} do for a living?", "What is {name}'s job?"),
+        "arith": ("What is {a} {op} {b}?", "Compute {a} {op} {b}."),
+    },
+    "eval": {
+        "city": ("What city is {name} from?",),
+        "colour": ("What colour does {name} prefer?",),
+        "pet": ("What kind of pet does {name} keep?",),
+        "age": ("What age is {name}?",),
+        "job": ("What is the occupation of {name}?",),
+        "arith": ("How much is {a} {op} {b}?",),
+    },
+}
+_SPLIT_IDS = {"train": 0, "eval": 1}
+_DEFAULT_DOCS = {"train": 20_000, "eval": 500}
+_DEFAULT_QA = {"train": 2_000, "eval": 300}
+_DEFAULT_ARITH = {"train": 1_000, "eval": 200}
+_EVAL_ARITH_FRACTION = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+  """One person and their attributes (pet and job carry their article: 'a cat')."""
+  name: str
+  city: str
+  colour: str
+  pet: str
+  age: int
+  job: str
+
+  def value(self, attribute: str) -> str:
+    return str(getattr(self, attribute))
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """The people and the arithmetic facts. `problems` are (a, op, b, answer) tuples."""
+  people: tuple[Person, ...]
+  problems: tuple[tuple[int, str, int, int], ...]
+  eval_problems: tuple[int, ...]  # indices into `problems` held out of train questions
+
+  def person(self, name: str) -> Person:
+    for p in self.people:
+      if p.name == name:
+        return p
+    raise KeyError(name)
+
+
+def _apply(a: int, op: str, b: int) -> int:
+  return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+@functools.lru_cache(maxsize=4)
+def build_world(seed: int = WORLD_SEED) -> World:
+  """The deterministic world for `seed` (cached: it is immutable)."""
+  rng = np.random.default_rng([seed, 1000])
+  people = []
+  for name in NAMES:
+    people.append(Person(
+        name=name, city=CITIES[rng.integers(len(CITIES))],
+        colour=COLOURS[rng.integers(len(COLOURS))], pet=PETS[rng.integers(len(PETS))],
+        age=int(AGES[rng.integers(len(AGES))]), job=JOBS[rng.integers(len(JOBS))]))
+  # Subtraction keeps a >= b so every answer is a non-negative integer.
+  problems = tuple((a, op, b, _apply(a, op, b)) for op in OPS
+                   for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)
+                   if op != "-" or a >= b)
+  n_eval = int(len(problems) * _EVAL_ARITH_FRACTION)
+  eval_problems = tuple(sorted(int(i) for i in rng.permutation(len(problems))[:n_eval]))
+  return World(people=tuple(people), problems=problems, eval_problems=eval_problems)
+
+
+def _check_split(split: str) -> int:
+  if split not in _SPLIT_IDS:
+    raise ConfigError(f"unknown synthetic split {split!r}: use 'train' or 'eval'")
+  return _SPLIT_IDS[split]
+
+
+def _rng(split: str, seed: int, purpose: int) -> np.random.Generator:
+  return np.random.default_rng([seed, _check_split(split), purpose])
+
+
+def _pick(rng: np.random.Generator, seq):
+  return seq[int(rng.integers(len(seq)))]
+
+
+def _person_sentences(rng, person: Person, count: int) -> list[str]:
+  attrs = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))[:count]]
+  return [_pick(rng, _STATEMENTS[a]).format(name=person.name, v=person.value(a)) for a in attrs]
+
+
+def _arith_sentence(rng, world: World) -> str:
+  a, op, b, c = _pick(rng, world.problems)
+  # The symbolic form is the one the question stages use, so it dominates.
+  templates = _ARITH_STATEMENTS[op]
+  template = templates[0] if rng.random() < 0.6 else _pick(rng, templates[1:])
+  return template.format(a=a, b=b, c=c)
+
+
+def _document(rng, world: World) -> str:
+  kind = rng.random()
+  if kind < 0.55:  # a profile of one person
+    sents = _person_sentences(rng, _pick(rng, world.people), int(rng.integers(2, 6)))
+  elif kind < 0.75:  # facts about several people, interleaved
+    sents = []
+    for _ in range(int(rng.integers(2, 4))):
+      sents += _person_sentences(rng, _pick(rng, world.people), int(rng.integers(1, 3)))
+  else:  # arithmetic
+    sents = [_arith_sentence(rng, world) for _ in range(int(rng.integers(3, 7)))]
+  return " ".join(sents)
+
+
+@functools.lru_cache(maxsize=8)
+def _documents(split: str, num: int, seed: int) -> tuple[str, ...]:
+  rng = _rng(split, seed, purpose=1)
+  world = build_world()
+  exclude = frozenset(_documents("train", _DEFAULT_DOCS["train"], seed)) if split == "eval" else ()
+  docs = []
+  while len(docs) < num:
+    doc = _document(rng, world)
+    if doc not in exclude:  # eval texts never appear verbatim in the default train split
+      docs.append(doc)
+  return tuple(docs)
+
+
+def pretraining_documents(split: str, num_documents: int | None = None,
+                          seed: int = 0) -> list[str]:
+  """Templated documents stating facts of the world ('train': 20000, 'eval': 500 by default).
+
+  Eval documents state the same facts in other combinations and phrasing orders, and none
+  equals a document of the default-size train split with the same seed.
+  """
+  _check_split(split)
+  num = _DEFAULT_DOCS[split] if num_documents is None else num_documents
+  if num < 0:
+    raise ConfigError(f"num_documents must be non-negative, got {num}")
+  return list(_documents(split, num, seed))
+
+
+def _qa_candidates(split: str) -> tuple[list[dict], list[dict]]:
+  """All (person questions, arithmetic questions) of a split, in a fixed order."""
+  world = build_world()
+  templates = _QUESTIONS[split]
+  people = [{"question": q.format(name=p.name), "answer": p.value(a), "attribute": a}
+            for p in world.people for a in ATTRIBUTES for q in templates[a]]
+  held_out = set(world.eval_problems)
+  arith = [{"question": q.format(a=a, op=op, b=b), "answer": str(c), "attribute": "arith"}
+           for i, (a, op, b, c) in enumerate(world.problems)
+           if (i in held_out) == (split == "eval") for q in templates["arith"]]
+  return people, arith
+
+
+def qa_pairs(split: str, num: int | None = None, seed: int = 0) -> list[dict]:
+  """Question/answer dicts (keys 'question', 'answer', 'attribute') for SFT.
+
+  About 60% ask about people, the rest arithmetic. 'eval' uses question phrasings never used
+  in 'train', and arithmetic problems held out of 'train' questions (though stated in the
+  pretraining documents). Without replacement: `num` is capped by the candidates available.
+  """
+  _check_split(split)
+  num = _DEFAULT_QA[split] if num is None else num
+  people, arith = _qa_candidates(split)
+  if num > len(people) + len(arith):
+    raise ConfigError(f"qa_pairs({split!r}) has only {len(people) + len(arith)} distinct "
+                      f"questions, asked for num={num}: lower num")
+  rng = _rng(split, seed, purpose=2)
+  n_people = min(len(people), round(num * 0.6))
+  n_arith = num - n_people
+  if n_arith > len(arith):
+    n_arith, n_people = len(arith), num - len(arith)
+  chosen = ([people[i] for i in rng.permutation(len(people))[:n_people]]
+            + [arith[i] for i in rng.permutation(len(arith))[:n_arith]])
+  return [dict(chosen[i]) for i in rng.permutation(len(chosen))]
+
+
+def _wrong_answer(rng, pair: dict) -> str:
+  if pair["attribute"] == "arith":
+    delta = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
+    right = int(pair["answer"])
+    return str(right + delta if right + delta >= 0 else right + abs(delta))
+  values = [str(v) for v in _VALUES[pair["attribute"]] if str(v) != pair["answer"]]
+  return _pick(rng, values)
+
+
+def preference_pairs(split: str, num: int | None = None, seed: int = 0) -> list[dict]:
+  """Dicts with 'prompt', 'chosen' (the true answer) and 'rejected' (a plausible wrong one:
+  another value of the same attribute, or an arithmetic answer off by 1-3)."""
+  rng = _rng(split, seed, purpose=3)
+  return [{"prompt": p["question"], "chosen": p["answer"], "rejected": _wrong_answer(rng, p)}
+          for p in qa_pairs(split, num, seed)]
+
+
+def arithmetic_problems(split: str, num: int | None = None, seed: int = 0) -> list[dict]:
+  """Dicts with 'question' ("What is 7 + 5?") and integer 'answer'; 'eval' problems are held
+  out of 'train'. Sampled with replacement, so any `num` works."""
+  _check_split(split)
+  num = _DEFAULT_ARITH[split] if num is None else num
+  world = build_world()
+  held_out = set(world.eval_problems)
+  pool = [p for i, p in enumerate(world.problems) if (i in held_out) == (split == "eval")]
+  rng = _rng(split, seed, purpose=4)
+  out = []
+  for i in rng.integers(len(pool), size=num):
+    a, op, b, c = pool[int(i)]
+    out.append({"question": f"What is {a} {op} {b}?", "answer": c})
+  return out
+
+
+# A number, not glued to a preceding word/number ("7-5" is 7 and 5, not 7 and -5).
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<=\w)\d+(?:\.\d+)?")
+_MARKER = re.compile(r"(?:answer\s*(?:is|:|=)|####|\\boxed\{)", re.IGNORECASE)
+
+
+def _parse_int(token: str) -> int | None:
+  token = token.replace(",", "")
+  if "." in token:
+    whole, frac = token.split(".")
+    if frac.strip("0"):
+      return None  # 12.5 is not an integer answer
+    token = whole
+  return int(token)
+
+
+def check_answer(problem_answer: int, completion: str) -> bool:
+  """Whether `completion` answers `problem_answer`.
+
+  Uses the first number after the last answer marker ("answer:", "answer is", "####",
+  "\\boxed{"), else the last number in the completion. Non-integers never match.
+  """
+  markers = list(_MARKER.finditer(completion))
+  if markers:
+    match = _NUMBER.search(completion, markers[-1].end())
+    if match:
+      return _parse_int(match.group()) == problem_answer
+  numbers = _NUMBER.findall(completion)
+  return bool(numbers) and _parse_int(numbers[-1]) == problem_answer
