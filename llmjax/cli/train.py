@@ -23,10 +23,10 @@ flags.DEFINE_integer("stop_after_steps", None,
                      "would; running again resumes.")
 
 
-def configure(workdir: str):
-  """Parses gin from the flags and builds every stage; writes `<workdir>/config.gin`."""
+def configure(gin_files: list[str], gin_bindings: list[str], workdir: str):
+  """Parses gin and builds every stage; writes `<workdir>/config.gin`."""
   from llmjax import stages
-  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+  gin_flags.parse_gin(gin_files, gin_bindings)
   try:
     configured = stages.configure_stages()
   except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
@@ -49,7 +49,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   from llmjax import stages
   try:
-    configured = configure(FLAGS.workdir)
+    configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
     names = [s.name for s in configured]
     logging.info("Running stages %s in %s", names, FLAGS.workdir)
     ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps)

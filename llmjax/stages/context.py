@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import gin
 import jax
 from absl import logging
 
+from llmjax.data.hf_tokenizer import load_tokenizer
 from llmjax.data.tokenizer import Tokenizer, check_fits_model, train_tokenizer
 from llmjax.model.config import ModelConfig
 
@@ -66,13 +68,27 @@ class RunContext:
     if self.tokenizer is None:
       local = os.path.join(self.workdir, TOKENIZER_FILE)
       if cfg.path:
-        self.tokenizer = Tokenizer.load(cfg.path)
+        self.tokenizer = load_tokenizer(cfg.path)
       elif os.path.exists(local):
         self.tokenizer = Tokenizer.load(local)
       else:
         self.tokenizer = self._train(cfg, documents, model_cfg, local)
     check_fits_model(self.tokenizer, model_cfg.vocab_size)
+    self._keep_copy()
     return self.tokenizer
+
+  def tokenizer_file(self) -> str:
+    """The tokenizer's file name inside the workdir (recorded in checkpoint metadata)."""
+    return os.path.basename(self.tokenizer.path)
+
+  def _keep_copy(self) -> None:
+    # A workdir is self-contained: generation and export find the tokenizer beside the
+    # checkpoints even when it came from elsewhere (TokenizerConfig.path, init_from).
+    target = os.path.join(self.workdir, self.tokenizer_file())
+    if self.is_chief and not os.path.exists(target):
+      os.makedirs(self.workdir, exist_ok=True)
+      shutil.copyfile(self.tokenizer.path, target + ".tmp")
+      os.replace(target + ".tmp", target)
 
   def _train(self, cfg: TokenizerConfig, documents: Any, model_cfg: ModelConfig,
              path: str) -> Tokenizer:

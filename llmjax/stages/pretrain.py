@@ -39,7 +39,8 @@ class Pretrain:
       return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
                         loss_fn=lm_loss, train_data=train_ds, eval_data=eval_data,
                         train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
-                        initial_params=ctx.params, meta={"tokenizer": "tokenizer.model"},
+                        initial_params=ctx.params,
+                        meta={"tokenizer": ctx.tokenizer_file()},
                         stop_after=ctx.stop_after)
     finally:
       writer.close()

@@ -64,7 +64,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   Gradients of microbatches are summed and divided by the total target count, so the update
   equals the full-batch update exactly. A step whose loss or gradient is not finite leaves
-  the state untouched and records its number in `state['first_bad_step']`.
+  the state untouched and records its number in `state['first_bad_step']`; so does a step
+  whose update is not finite (an optimizer that diverged).
   """
 
   def grads_of(params, micro):
@@ -89,11 +90,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = loss_sum / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
 
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state["first_bad_step"] < 0)
+    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+          & (state["first_bad_step"] < 0))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = {
         "params": keep(new_params, params),

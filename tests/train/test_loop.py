@@ -1,0 +1,154 @@
+"""The training loop: exact resume, gradient accumulation, NaN handling, safe checkpoints."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import checkpoint as ckpt_lib
+from llmjax.data import pipeline
+from llmjax.errors import CheckpointError, TrainingDivergedError
+from llmjax.metrics import read_metrics
+from llmjax.stages import RunContext, run_stages
+from llmjax.stages.context import TokenizerConfig
+from llmjax.stages.pretrain import Pretrain
+from llmjax.train import loop
+from llmjax.train.losses import lm_loss
+from llmjax.train.optimizer import OptimizerConfig
+
+from tests.conftest import TEST_MODEL
+
+DATA = pipeline.DataConfig(seq_len=32, batch_size=4, eval_batches=1)
+
+
+def stage(tokenizer_path, total_steps=6, every=3, accum=1, **model_overrides):
+  return Pretrain(
+      model=dataclasses.replace(TEST_MODEL, **model_overrides), data=DATA,
+      train=loop.TrainConfig(total_steps=total_steps, log_every=1, eval_every=total_steps,
+                             checkpoint_every=every, grad_accum_steps=accum),
+      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
+      tokenizer=TokenizerConfig(path=tokenizer_path))
+
+
+def run(workdir, s, stop_after=None):
+  return run_stages([s], RunContext(workdir=str(workdir), stop_after=stop_after))
+
+
+def params_of(ctx):
+  return jax.tree.leaves(jax.device_get(ctx.params))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tokenizer_path):
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, params_of(run(workdir, stage(tokenizer_path)))
+
+
+def test_resume_after_interruption_is_exact(straight_run, tmp_path, tokenizer_path):
+  _, expected = straight_run
+  s = stage(tokenizer_path)
+  first = run(tmp_path, s, stop_after=3)
+  assert first.params is not None
+  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints/pretrain"), 1).latest_step() == 3
+  resumed = params_of(run(tmp_path, s))  # a fresh process would do exactly this
+  assert len(resumed) == len(expected)
+  for a, b in zip(resumed, expected):
+    np.testing.assert_array_equal(a, b)  # bit-for-bit: params, optimizer, RNG and data
+  steps = [m["step"] for m in read_metrics(str(tmp_path)) if m["kind"] == "train"]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_are_logged(straight_run):
+  workdir, _ = straight_run
+  records = read_metrics(str(workdir))
+  train = [r for r in records if r["kind"] == "train"]
+  evals = [r for r in records if r["kind"] == "eval"]
+  assert [r["step"] for r in train] == list(range(1, 7))
+  assert all({"stage", "loss", "grad_norm", "learning_rate", "tokens_per_sec"} <= r.keys()
+             for r in train[1:])
+  assert evals and evals[-1]["step"] == 6 and np.isfinite(evals[-1]["perplexity"])
+  assert os.listdir(os.path.join(workdir, "tensorboard", "pretrain"))
+
+
+def test_gradient_accumulation_equals_full_batch(tokenizer):
+  import optax
+  graphdef, params = loop.init_params(TEST_MODEL, seed=0)
+  # Plain SGD with lr 1 makes the update the gradient itself (Adam's first step would be
+  # ~sign(grad), which amplifies float noise in near-zero gradients).
+  tx, sched = optax.sgd(1.0), optax.constant_schedule(1.0)
+  batch = next(iter(pipeline.train_dataset(DATA, tokenizer, pipeline.document_sources(DATA)[0])))
+  # Make the microbatches unequal in target count, where averaging the means would be wrong.
+  batch["loss_mask"][:2, 20:] = 0
+  out = []
+  for accum in (1, 2, 4):
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.int32(-1)}
+    step = jax.jit(loop.make_train_step(graphdef, tx, sched, lm_loss, accum))
+    new_state, metrics = step(state, batch)
+    out.append((float(metrics["loss"]), jax.tree.leaves(new_state["params"])))
+  for loss, leaves in out[1:]:
+    assert loss == pytest.approx(out[0][0], rel=1e-6)
+    for a, b in zip(leaves, out[0][1]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tokenizer_path,
+                                                                   monkeypatch):
+  import optax
+  real_build = loop.build_optimizer
+
+  def nan_from_fifth_update(cfg, total_steps):
+    # An optimizer that blows up on its 5th update, as a too-high learning rate would.
+    def update(updates, count, params=None):
+      scale = jnp.where(count >= 4, jnp.nan, 1.0)
+      return jax.tree.map(lambda u: u * scale, updates), count + 1
+    poison = optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
+    return optax.chain(real_build(cfg, total_steps), poison)
+
+  monkeypatch.setattr(loop, "build_optimizer", nan_from_fifth_update)
+  with pytest.raises(TrainingDivergedError, match="at step 5.*last good checkpoint is step 3"):
+    run(tmp_path, stage(tokenizer_path, total_steps=8, every=3))
+  loaded = ckpt_lib.load_run(str(tmp_path))
+  assert loaded.step == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(loaded.params)))
+
+
+def test_non_finite_loss_leaves_state_untouched(tokenizer):
+  graphdef, params = loop.init_params(TEST_MODEL, seed=0)
+  cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+  from llmjax.train.optimizer import build_optimizer, learning_rate_schedule
+  tx = build_optimizer(cfg, 10)
+  nan_loss = lambda model, batch: (jnp.float32(jnp.nan) * lm_loss(model, batch)[0],
+                                   jnp.float32(1.0))
+  step = jax.jit(loop.make_train_step(graphdef, tx, learning_rate_schedule(cfg, 10), nan_loss, 1))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(7),
+           "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.int32(-1)}
+  batch = next(iter(pipeline.train_dataset(DATA, tokenizer, pipeline.document_sources(DATA)[0])))
+  new_state, _ = step(state, batch)
+  assert int(new_state["first_bad_step"]) == 8
+  for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_save_is_never_restored(straight_run, tmp_path):
+  import shutil
+  workdir, _ = straight_run
+  ckdir = tmp_path / "checkpoints" / "pretrain"
+  shutil.copytree(workdir / "checkpoints" / "pretrain", ckdir)
+  # What a crash mid-save leaves: Orbax's temporary directory for step 9, half written.
+  partial = ckdir / "9.orbax-checkpoint-tmp-1234567"
+  shutil.copytree(ckdir / "6", partial)
+  (partial / "params" / "manifest.ocdbt").write_bytes(b"truncated")
+  assert ckpt_lib.Checkpointer(str(ckdir), 1).latest_step() == 6
+  shutil.copy(workdir / "tokenizer.model", tmp_path / "tokenizer.model")
+  assert ckpt_lib.load_run(str(tmp_path), "pretrain").step == 6
+
+
+def test_resuming_with_a_different_model_shape_is_refused(straight_run, tokenizer_path):
+  workdir, _ = straight_run
+  bigger = stage(tokenizer_path, total_steps=8, d_model=96)
+  with pytest.raises(CheckpointError, match="different model.*d_model: checkpoint 64 vs config 96"):
+    run(workdir, bigger)
