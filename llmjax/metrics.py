@@ -53,6 +53,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + attention
 
 
+def unigram_loss(batches: list[dict]) -> float:
+  """Cross-entropy (nats/token) of the best context-free model of these batches' targets.
+
+  The entropy of the target unigram distribution: what a model that ignores context can at
+  best reach. A language model is learning context once its loss falls well below this.
+  """
+  import numpy as np
+  targets = np.concatenate([b["targets"].ravel() for b in batches])
+  weights = np.concatenate([(b["loss_mask"] * (b["segment_ids"] != 0)).ravel() for b in batches])
+  counts = np.bincount(targets[weights > 0])
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
 class MetricsWriter:
   """Appends metrics to `metrics.jsonl` and TensorBoard, and draws console progress."""
 
@@ -83,9 +97,9 @@ class MetricsWriter:
     self._console(step, clean, kind)
 
   def _console(self, step: int, m: dict[str, Any], kind: str) -> None:
-    if kind == "eval":
+    if kind != "train":
       text = " ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
-      self._print(f"[{self.stage}] eval @ step {step}: {text}", newline=True)
+      self._print(f"[{self.stage}] {kind} @ step {step}: {text}", newline=True)
       return
     frac = step / max(self.total_steps, 1)
     bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))

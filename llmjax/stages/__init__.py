@@ -7,6 +7,7 @@ missing or wrong value anywhere fails before any compile.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import gin
@@ -34,7 +35,21 @@ def pipeline(stages: Sequence[str] = ("pretrain",)) -> list[str]:
 
 def configure_stages() -> list[Any]:
   """Builds every stage of the pipeline from the parsed gin config."""
-  return [STAGES[name]() for name in pipeline()]
+  stages = [STAGES[name]() for name in pipeline()]
+  for stage in stages:
+    _check_required(stage, stage.name)
+  return stages
+
+
+def _check_required(obj: Any, path: str) -> None:
+  # gin checks gin.REQUIRED for function parameters but hands the sentinel through to
+  # dataclass fields bound via a macro (`TRAIN_FILES = %gin.REQUIRED`); catch it here.
+  if obj is gin.REQUIRED:
+    raise ConfigError(f"{path} is required but not set (gin.REQUIRED): bind it in the gin "
+                      "file or with --gin.NAME=VALUE (see the file's 'Must override' section)")
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    for field in dataclasses.fields(obj):
+      _check_required(getattr(obj, field.name), f"{path}.{field.name}")
 
 
 def run_stages(stages: list[Any], ctx: RunContext) -> RunContext:

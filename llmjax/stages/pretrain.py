@@ -36,6 +36,7 @@ class Pretrain:
     writer = metrics_lib.MetricsWriter(ctx.workdir, self.name, self.train.total_steps,
                                        enabled=ctx.is_chief)
     try:
+      writer.write(0, {"unigram_loss": metrics_lib.unigram_loss(eval_data)}, kind="baseline")
       return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
                         loss_fn=lm_loss, train_data=train_ds, eval_data=eval_data,
                         train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
