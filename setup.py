@@ -15,6 +15,9 @@ CORE = [
     "safetensors>=0.4",
     "numpy>=1.26",
     "tensorboardX>=2.6",
+    # Hugging Face tokenizer.json files (Llama 3, Qwen) are read and written through these.
+    "tokenizers>=0.19",
+    "protobuf>=4",
 ]
 
 setuptools.setup(
@@ -23,12 +26,11 @@ setuptools.setup(
     description="Pretrain, fine-tune, align and export Llama/Qwen2-style models in JAX.",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["llmjax", "llmjax.*"]),
-    package_data={"llmjax": ["experiments/**/*.gin"]},
-    include_package_data=True,
     install_requires=CORE,
     extras_require={
         # torch (CPU build) and transformers are the real client that proves HF interop.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4", "transformers>=4.45", "tokenizers>=0.19"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<2.14",
+                 "transformers>=4.45"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
@@ -37,6 +39,8 @@ setuptools.setup(
             "llmjax-train=llmjax.cli.train:run_main",
             "llmjax-generate=llmjax.cli.generate:run_main",
             "llmjax-tokenizer=llmjax.cli.tokenizer:run_main",
+            "llmjax-export=llmjax.cli.export:run_main",
+            "llmjax-import=llmjax.cli.import_:run_main",
         ]
     },
 )

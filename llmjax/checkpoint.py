@@ -58,6 +58,15 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def save_params_only(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    """Saves parameters and meta without train/data state (an import or export source).
+
+    `restore_params`, `read_meta` and `load_run` read it like any other step; `restore`
+    (resuming training) cannot, as there is no optimizer state to resume.
+    """
+    items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
   def read_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -135,7 +144,7 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
   (ShapeDtypeStructs with shardings) chooses where the arrays land; default: one device.
   """
   from flax import nnx
-  from llmjax.data.tokenizer import Tokenizer
+  from llmjax.data.hf_tokenizer import load_tokenizer
   from llmjax.model.transformer import build_model
 
   stage = stage or newest_stage(workdir)
@@ -151,5 +160,7 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
     params = ckpt.restore_params(step, abstract_params or abstract_like(abstract))
   finally:
     ckpt.close()
-  tokenizer = Tokenizer.load(os.path.join(workdir, meta.get("tokenizer", "tokenizer.model")))
+  # An import of an HF model saved without a tokenizer records None.
+  tok_file = meta.get("tokenizer", "tokenizer.model")
+  tokenizer = load_tokenizer(os.path.join(workdir, tok_file)) if tok_file else None
   return LoadedRun(graphdef, params, cfg, tokenizer, stage, step, meta)

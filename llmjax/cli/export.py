@@ -1,0 +1,48 @@
+"""`llmjax-export`: write a run's checkpoint as a Hugging Face model folder.
+
+  llmjax-export --workdir=runs/tiny --output=exports/tiny [--stage=sft] [--step=1000] \
+      [--dtype=bfloat16] [--max_shard_size=2GB]
+
+The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from llmjax.errors import LlmjaxError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's (or an llmjax-import's) directory.")
+flags.DEFINE_string("output", None, "The HF model folder to write (must not exist).")
+flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the newest saved).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                  "Stored dtype (default: the checkpoint's param_dtype).")
+flags.DEFINE_string("max_shard_size", "2GB", "Largest safetensors shard, e.g. 2GB or 500MB.")
+flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.output:
+    raise app.UsageError("--workdir and --output are required")
+  from llmjax.hf.export import export_run
+  try:
+    out = export_run(FLAGS.workdir, FLAGS.output, FLAGS.stage, FLAGS.step, FLAGS.dtype,
+                     FLAGS.max_shard_size, FLAGS.overwrite)
+  except LlmjaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(out)
+
+
+def run_main():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run_main()

@@ -1,0 +1,272 @@
+"""Pure mapping between llmjax parameters/configs and Hugging Face Llama/Qwen2 checkpoints.
+
+Nothing here touches files or imports transformers. Export is an iterator of
+`(hf_name, numpy array)` pairs that a writer consumes one at a time, so a model is never held
+twice in host memory, and anything that can produce our parameter layout (e.g. LoRA weights
+merged on the fly) exports through the same code by passing its own `fetch`.
+
+Our layout keeps heads as separate axes (`q_proj [d_model, n_heads, head_dim]`) and stores
+linear weights `[in, out]`; HF stores `nn.Linear` weights `[out, in]` with heads flattened.
+RoPE uses HF's rotate_half convention in both, so no permutation of q/k rows is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from llmjax.errors import CheckpointError, ConfigError
+from llmjax.model.config import ModelConfig, RopeScaling
+
+LLAMA, QWEN2 = "LlamaForCausalLM", "Qwen2ForCausalLM"
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2)
+_MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2"}
+# Tensors HF checkpoints may carry that hold nothing we need (old Llama saves the RoPE table).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+Path = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One HF tensor and where it lives in our parameter tree.
+
+  `kind` names the layout change: 'same' (embedding, norms), 'linear' ([in, out] <-> [out, in]),
+  'in_heads' (q/k/v `[d, heads, head_dim]` <-> `[heads*head_dim, d]`), 'out_heads' (o_proj
+  `[heads, head_dim, d]` <-> `[d, heads*head_dim]`), 'bias' (`[heads, head_dim]` <-> flat).
+  """
+  hf_name: str
+  path: Path
+  kind: str
+  shape: tuple[int, ...]  # ours
+  hf_shape: tuple[int, ...]
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+  """Every parameter of `cfg`'s model, in HF checkpoint order."""
+  d, n, kv, h, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+                       cfg.d_ff, cfg.vocab_size)
+  specs = [TensorSpec("model.embed_tokens.weight", ("embed",), "same", (v, d), (v, d))]
+  for i in range(cfg.n_layers):
+    pre, p = f"model.layers.{i}.", ("layers", i)
+    specs += [
+        TensorSpec(pre + "input_layernorm.weight", p + ("input_norm", "weight"), "same",
+                   (d,), (d,)),
+        TensorSpec(pre + "self_attn.q_proj.weight", p + ("attn", "q_proj"), "in_heads",
+                   (d, n, h), (n * h, d)),
+        TensorSpec(pre + "self_attn.k_proj.weight", p + ("attn", "k_proj"), "in_heads",
+                   (d, kv, h), (kv * h, d)),
+        TensorSpec(pre + "self_attn.v_proj.weight", p + ("attn", "v_proj"), "in_heads",
+                   (d, kv, h), (kv * h, d)),
+    ]
+    if cfg.qkv_bias:
+      specs += [
+          TensorSpec(pre + "self_attn.q_proj.bias", p + ("attn", "q_bias"), "bias", (n, h),
+                     (n * h,)),
+          TensorSpec(pre + "self_attn.k_proj.bias", p + ("attn", "k_bias"), "bias", (kv, h),
+                     (kv * h,)),
+          TensorSpec(pre + "self_attn.v_proj.bias", p + ("attn", "v_bias"), "bias", (kv, h),
+                     (kv * h,)),
+      ]
+    specs += [
+        TensorSpec(pre + "self_attn.o_proj.weight", p + ("attn", "o_proj"), "out_heads",
+                   (n, h, d), (d, n * h)),
+        TensorSpec(pre + "post_attention_layernorm.weight", p + ("post_attn_norm", "weight"),
+                   "same", (d,), (d,)),
+        TensorSpec(pre + "mlp.gate_proj.weight", p + ("mlp", "gate_proj"), "linear", (d, f),
+                   (f, d)),
+        TensorSpec(pre + "mlp.up_proj.weight", p + ("mlp", "up_proj"), "linear", (d, f), (f, d)),
+        TensorSpec(pre + "mlp.down_proj.weight", p + ("mlp", "down_proj"), "linear", (f, d),
+                   (d, f)),
+    ]
+  specs.append(TensorSpec("model.norm.weight", ("final_norm", "weight"), "same", (d,), (d,)))
+  if not cfg.tie_embeddings:
+    specs.append(TensorSpec("lm_head.weight", ("lm_head",), "linear", (d, v), (v, d)))
+  return specs
+
+
+def to_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+  """Our layout -> HF layout (a contiguous copy, as safetensors needs)."""
+  if spec.kind in ("same", "bias"):
+    out = x.reshape(spec.hf_shape)
+  elif spec.kind == "linear":
+    out = x.T
+  elif spec.kind == "in_heads":
+    out = x.reshape(x.shape[0], -1).T
+  elif spec.kind == "out_heads":
+    out = x.reshape(-1, x.shape[-1]).T
+  else:
+    raise AssertionError(spec.kind)
+  return np.ascontiguousarray(out)
+
+
+def from_hf(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+  """HF layout -> our layout; CheckpointError naming the tensor if its shape is wrong."""
+  if tuple(x.shape) != spec.hf_shape:
+    raise CheckpointError(
+        f"tensor {spec.hf_name} has shape {list(x.shape)} but config.json implies "
+        f"{list(spec.hf_shape)}: the weights do not belong to this config.json")
+  if spec.kind in ("same", "bias"):
+    return x.reshape(spec.shape)
+  if spec.kind == "linear":
+    return np.ascontiguousarray(x.T)
+  if spec.kind == "in_heads":
+    return np.ascontiguousarray(x.T).reshape(spec.shape)
+  if spec.kind == "out_heads":
+    return np.ascontiguousarray(x.T).reshape(spec.shape)
+  raise AssertionError(spec.kind)
+
+
+def get_path(tree: Any, path: Path) -> Any:
+  """The leaf of a nested params tree (nnx.State or dicts) at `path`, unwrapping Variables."""
+  node = tree
+  for key in path:
+    node = node[key]
+  return node.get_value() if hasattr(node, "get_value") else node
+
+
+def iter_hf_tensors(params: Any, cfg: ModelConfig,
+                    fetch: Callable[[Any], np.ndarray] = np.asarray,
+                    dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields `(hf_name, array)` for each parameter, converting one tensor at a time.
+
+  `fetch` turns a leaf into a host numpy array (e.g. a device_get that also gathers sharded
+  arrays); `dtype` casts each tensor after the layout change. A LoRA export can pass a
+  `fetch` that merges adapters into the base weight, or wrap this iterator to rename tensors.
+  """
+  for spec in tensor_specs(cfg):
+    x = fetch(get_path(params, spec.path))
+    if tuple(x.shape) != spec.shape:
+      raise CheckpointError(f"parameter {'/'.join(map(str, spec.path))} has shape "
+                            f"{list(x.shape)}, expected {list(spec.shape)} for this config")
+    x = to_hf(spec, x)
+    yield spec.hf_name, (x.astype(dtype) if dtype is not None else x)
+
+
+def hf_tensor_names(cfg: ModelConfig) -> list[str]:
+  return [s.hf_name for s in tensor_specs(cfg)]
+
+
+def is_ignorable(hf_name: str, cfg: ModelConfig) -> bool:
+  """HF tensors an import may skip: the RoPE table, and lm_head when it is tied."""
+  if hf_name.endswith(_IGNORED_SUFFIXES):
+    return True
+  return cfg.tie_embeddings and hf_name == "lm_head.weight"
+
+
+# ---- config.json <-> ModelConfig ------------------------------------------------------------
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, scaling) from classic `rope_theta`/`rope_scaling` or transformers-5
+  `rope_parameters`."""
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or None
+  if params and any(isinstance(v, dict) for v in params.values()):
+    raise ConfigError("config.json rope_parameters differs per layer type; only one RoPE "
+                      "setting for every layer is supported")
+  theta = hf.get("rope_theta", params.get("rope_theta", 10_000.0))
+  if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
+    scaling = params
+  if not scaling:
+    return float(theta), None
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type == "default":
+    return float(theta), None
+  if rope_type != "llama3":
+    raise ConfigError(f"config.json rope_scaling.rope_type={rope_type!r} is not supported; "
+                      "supported: 'default' (none) and 'llama3'")
+  try:
+    return float(theta), RopeScaling(
+        factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position=int(scaling["original_max_position_embeddings"]))
+  except KeyError as e:
+    raise ConfigError(f"config.json rope_scaling (llama3) lacks field {e.args[0]!r}") from None
+
+
+def _check_supported(hf: dict[str, Any], arch: str) -> None:
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ConfigError(f"config.json hidden_act={act!r} is not supported: llmjax's MLP is "
+                      "SwiGLU with silu")
+  if hf.get("mlp_bias"):
+    raise ConfigError("config.json mlp_bias=true is not supported: llmjax's MLP has no bias")
+  if arch == LLAMA and hf.get("attention_bias"):
+    raise ConfigError("config.json attention_bias=true is not supported for LlamaForCausalLM "
+                      "(it adds an o_proj bias llmjax does not have)")
+  if arch == QWEN2:
+    layer_types = hf.get("layer_types") or []
+    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+    if not layer_types and hf.get("use_sliding_window"):
+      sliding = list(range(hf.get("max_window_layers", 0), hf["num_hidden_layers"]))
+    if sliding:
+      raise ConfigError(f"config.json use_sliding_window/layer_types enables sliding-window "
+                        f"attention on layers {sliding}: not supported, only full attention")
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
+  """ModelConfig of a `LlamaForCausalLM` or `Qwen2ForCausalLM` config.json dict."""
+  archs = hf.get("architectures") or []
+  arch = archs[0] if len(archs) == 1 else None
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise ConfigError(f"config.json architectures={archs} is not supported; supported "
+                      f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+  _check_supported(hf, arch)
+  theta, scaling = _rope_from_hf(hf)
+  try:
+    n_heads = int(hf["num_attention_heads"])
+    d_model = int(hf["hidden_size"])
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=d_model,
+        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        d_ff=int(hf["intermediate_size"]),
+        head_dim=int(hf.get("head_dim") or d_model // n_heads),
+        rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=arch == QWEN2, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)), dtype=dtype,
+        param_dtype=dtype)
+  except KeyError as e:
+    raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+
+
+def architecture_for(cfg: ModelConfig) -> str:
+  """Qwen2 for QKV bias (Llama's attention_bias would also add an o_proj bias), else Llama."""
+  return QWEN2 if cfg.qkv_bias else LLAMA
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = None,
+                 eos_id: int | None = None, pad_id: int | None = None) -> dict[str, Any]:
+  """config.json for `cfg`, readable by transformers 4.x (classic rope fields) and 5.x."""
+  arch = architecture_for(cfg)
+  rope_scaling = None
+  if cfg.rope_scaling is not None:
+    s = cfg.rope_scaling
+    rope_scaling = {"rope_type": "llama3", "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position}
+  hf = {
+      "architectures": [arch], "model_type": _MODEL_TYPES[arch],
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+      "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.resolved_head_dim, "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+      "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
+      # Both spellings: transformers <5 reads rope_theta/rope_scaling, 5.x folds them into
+      # rope_parameters (and prefers rope_scaling when both are present, so they agree).
+      "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                          **(rope_scaling or {})},
+      "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
+      "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+  }
+  if arch == LLAMA:
+    hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  else:
+    hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
+              layer_types=["full_attention"] * cfg.n_layers)
+  return hf

@@ -1,0 +1,222 @@
+"""Writes an llmjax checkpoint as a Hugging Face model folder.
+
+  config.json, generation_config.json
+  model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+  tokenizer.model (SentencePiece runs), tokenizer.json, tokenizer_config.json,
+  special_tokens_map.json
+
+Everything is written into a temporary folder beside the output and renamed into place once
+complete, so a failed export never leaves a folder that looks usable. Tensors are fetched and
+converted one at a time and shards written as they fill, so host memory holds at most one
+shard, never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+from absl import logging
+
+from llmjax.errors import CheckpointError, ConfigError
+from llmjax.hf import convert
+from llmjax.model.config import ModelConfig
+
+DTYPES = ("float32", "bfloat16")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes of '2GB' (decimal, as transformers), '500MiB' (binary), or a plain integer."""
+  if isinstance(size, int):
+    n = size
+  else:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
+    if not match:
+      raise ConfigError(f"max_shard_size={size!r} is not a size: write e.g. 2GB, 500MB, "
+                        "1GiB or a number of bytes")
+    n = int(float(match.group(1)) * _UNITS[match.group(2)])
+  if n <= 0:
+    raise ConfigError(f"max_shard_size must be positive, got {size!r}")
+  return n
+
+
+def fetch_to_host(x: Any) -> np.ndarray:
+  """One parameter as a host numpy array.
+
+  A `jax.Array` sharded across hosts is not fully addressable by one process; it is gathered
+  with `process_allgather`, a collective, so every process must export (each calls this for the
+  same tensors in the same order) and only process 0 writes. Fully addressable arrays (one
+  host, however many devices) come over with a plain `device_get`.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], directory: str,
+                      max_shard_size: int | str = "2GB", prefix: str = "model",
+                      metadata: dict[str, str] | None = None) -> list[str]:
+  """Writes `(name, array)` pairs into `<prefix>.safetensors` or shards plus an index.
+
+  Consumes the iterator lazily: a shard is written as soon as the next tensor would push it
+  over `max_shard_size` (a tensor bigger than that gets a shard of its own). Returns the file
+  names written. `prefix='adapter_model'` gives PEFT's file name.
+  """
+  from safetensors.numpy import save_file
+  limit = parse_size(max_shard_size)
+  meta = {"format": "pt", **(metadata or {})}
+  shards: list[list[str]] = []
+  pending: dict[str, np.ndarray] = {}
+  pending_bytes, total = 0, 0
+
+  def flush():
+    nonlocal pending, pending_bytes
+    if pending:
+      # Shard count is unknown until the iterator ends: temporary names, renamed below.
+      save_file(pending, os.path.join(directory, f".shard-{len(shards)}.tmp"), metadata=meta)
+      shards.append(list(pending))
+      pending, pending_bytes = {}, 0
+
+  for name, array in tensors:
+    if name in pending or any(name in s for s in shards):
+      raise CheckpointError(f"tensor {name} produced twice by the exporter")
+    if pending and pending_bytes + array.nbytes > limit:
+      flush()
+    pending[name] = array
+    pending_bytes += array.nbytes
+    total += array.nbytes
+  flush()
+  if not shards:
+    raise CheckpointError("no tensors to export")
+  if len(shards) == 1:
+    names = [f"{prefix}.safetensors"]
+  else:
+    names = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  for i, name in enumerate(names):
+    os.replace(os.path.join(directory, f".shard-{i}.tmp"), os.path.join(directory, name))
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": total},
+             "weight_map": {t: names[i] for i, s in enumerate(shards) for t in s}}
+    with open(os.path.join(directory, f"{prefix}.safetensors.index.json"), "w") as f:
+      json.dump(index, f, indent=2)
+    names.append(f"{prefix}.safetensors.index.json")
+  return names
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+
+
+def _special_id(tokenizer: Any, name: str) -> int | None:
+  if tokenizer is None:
+    return None
+  i = getattr(tokenizer, name)
+  return i if i is not None and i >= 0 else None
+
+
+def atomic_output_dir(output: str, overwrite: bool = False):
+  """Context manager: a temporary folder beside `output`, renamed to it on success."""
+  return _AtomicDir(output, overwrite)
+
+
+class _AtomicDir:
+
+  def __init__(self, output: str, overwrite: bool):
+    self.output = os.path.abspath(output)
+    self.overwrite = overwrite
+    self.tmp = None
+
+  def __enter__(self) -> str:
+    if os.path.exists(self.output) and not (
+        os.path.isdir(self.output) and not os.listdir(self.output)) and not self.overwrite:
+      raise ConfigError(f"{self.output} already exists: choose another --output or pass "
+                        "--overwrite")
+    parent = os.path.dirname(self.output)
+    os.makedirs(parent, exist_ok=True)
+    self.tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.output)}.tmp-")
+    return self.tmp
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return
+    os.chmod(self.tmp, 0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
+    old = None
+    if os.path.exists(self.output):
+      if os.path.isdir(self.output) and not os.listdir(self.output):
+        os.rmdir(self.output)
+      else:  # --overwrite: move the old one aside first so the swap is two renames
+        old = tempfile.mkdtemp(dir=os.path.dirname(self.output), prefix=".old-")
+        os.replace(self.output, os.path.join(old, "x"))
+    os.replace(self.tmp, self.output)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any = None,
+                  dtype: str | None = None, max_shard_size: int | str = "2GB",
+                  chat_template: str | None = None, overwrite: bool = False,
+                  tensors: Iterable[tuple[str, np.ndarray]] | None = None) -> str:
+  """Writes `params` (our layout, for `cfg`) as an HF model folder at `output`.
+
+  `dtype` (default: the config's `param_dtype`) is the stored dtype; `tensors` replaces the
+  default `convert.iter_hf_tensors(params, ...)` stream (e.g. LoRA-merged weights). In a
+  multi-process run every process must call this; only process 0 writes files.
+  """
+  dtype = dtype or cfg.param_dtype
+  if dtype not in DTYPES:
+    raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  if tensors is None:
+    tensors = convert.iter_hf_tensors(params, cfg, fetch=fetch_to_host, dtype=np_dtype)
+  if jax.process_index() != 0:
+    for _ in tensors:  # take part in every gather, write nothing
+      pass
+    return os.path.abspath(output)
+  bos, eos, pad = (_special_id(tokenizer, n) for n in ("bos_id", "eos_id", "pad_id"))
+  with atomic_output_dir(output, overwrite) as tmp:
+    hf_cfg = convert.config_to_hf(cfg, dtype, bos, eos, pad)
+    _write_json(os.path.join(tmp, "config.json"), hf_cfg)
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    _write_json(os.path.join(tmp, "generation_config.json"),
+                {k: v for k, v in gen.items() if v is not None})
+    files = write_safetensors(tensors, tmp, max_shard_size)
+    if tokenizer is not None:
+      from llmjax.hf.tokenizer_files import write_tokenizer_files
+      if convert.architecture_for(cfg) == convert.QWEN2 and hasattr(
+          tokenizer, "serialized_model_proto"):
+        # transformers 5 maps model_type qwen2 to Qwen2Tokenizer whatever tokenizer_config
+        # says, and that class rebuilds a byte-level tokenizer around our SentencePiece vocab.
+        logging.warning("Qwen2 export with a SentencePiece tokenizer: with transformers>=5 "
+                        "load it with PreTrainedTokenizerFast.from_pretrained(dir), not "
+                        "AutoTokenizer")
+      files += write_tokenizer_files(tokenizer, tmp, chat_template, cfg.max_seq_len)
+    else:
+      logging.warning("No tokenizer: the export has weights and config only")
+  logging.info("Exported %s to %s: %s", convert.architecture_for(cfg), output, files)
+  return os.path.abspath(output)
+
+
+def export_run(workdir: str, output: str, stage: str | None = None, step: int | None = None,
+               dtype: str | None = None, max_shard_size: int | str = "2GB",
+               overwrite: bool = False) -> str:
+  """Exports a run's (or an import's) checkpoint; see `export_params`."""
+  from llmjax.checkpoint import load_run
+  if dtype is not None and dtype not in DTYPES:
+    raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+  parse_size(max_shard_size)  # fail on a bad flag before reading the checkpoint
+  run = load_run(workdir, stage, step)
+  return export_params(run.params, run.model_cfg, output, tokenizer=run.tokenizer, dtype=dtype,
+                       max_shard_size=max_shard_size,
+                       chat_template=run.meta.get("chat_template"), overwrite=overwrite)

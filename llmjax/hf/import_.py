@@ -1,0 +1,204 @@
+"""Reads a Hugging Face Llama/Qwen2 folder into an llmjax workdir.
+
+The output is a workdir holding one checkpoint, `<out>/checkpoints/import/0/` (items `params`
+and `meta`), plus the tokenizer, so `load_run(out)`, `llmjax-generate --workdir=out`,
+`llmjax-export --workdir=out` and gin's `pretrain.init_from = 'out'` all take it as a run.
+
+Only safetensors are read: pickle-based `.bin`/`.pt`/`.pth` files can run arbitrary code when
+loaded, so folders holding only those are refused with instructions to convert them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from llmjax.errors import CheckpointError, ConfigError, DataError
+from llmjax.hf import convert
+from llmjax.hf.export import DTYPES, atomic_output_dir
+from llmjax.model.config import ModelConfig
+
+STAGE = "import"
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_TOKENIZER_AUX = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path} not found: --hf must be a Hugging Face model folder (as "
+                          "written by save_pretrained or downloaded from the Hub)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class SafetensorsFolder:
+  """The tensors of `model.safetensors` or of the shards listed in its index, read lazily."""
+
+  def __init__(self, hf_dir: str):
+    self.dir = hf_dir
+    single = os.path.join(hf_dir, "model.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(index):
+      try:
+        with open(index, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({e!r}); re-save the model "
+                              "with save_pretrained") from None
+      missing = sorted({s for s in weight_map.values()
+                        if not os.path.isfile(os.path.join(hf_dir, s))})
+      if missing:
+        raise CheckpointError(f"{index} lists shard(s) {missing} that are missing from "
+                              f"{hf_dir}: download them again")
+      self.files = {name: os.path.join(hf_dir, s) for name, s in weight_map.items()}
+    elif os.path.isfile(single):
+      from safetensors import safe_open
+      with safe_open(single, framework="numpy") as f:
+        self.files = {name: single for name in f.keys()}
+    else:
+      self._refuse(hf_dir)
+    self._open: dict[str, Any] = {}
+
+  @staticmethod
+  def _refuse(hf_dir: str) -> None:
+    pickled = sorted(f for f in os.listdir(hf_dir) if f.endswith(_PICKLE_SUFFIXES))
+    if pickled:
+      raise CheckpointError(
+          f"{hf_dir} holds only pickle weights ({', '.join(pickled[:3])}), which llmjax never "
+          "loads because unpickling can run arbitrary code. Convert them in transformers: "
+          "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, "
+          "safe_serialization=True), then import new_dir")
+    raise CheckpointError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json")
+
+  def _handle(self, path: str):
+    if path not in self._open:
+      from safetensors import safe_open
+      try:
+        self._open[path] = safe_open(path, framework="numpy")
+      except Exception as e:  # safetensors raises SafetensorError for truncated files
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e}); download it "
+                              "again") from None
+    return self._open[path]
+
+  def names(self) -> list[str]:
+    return list(self.files)
+
+  def get(self, name: str) -> np.ndarray:
+    """One tensor; CheckpointError naming it if absent or not floating point."""
+    if name not in self.files:
+      raise CheckpointError(f"tensor {name} is missing from {self.dir}: the weights do not "
+                            "match config.json")
+    handle = self._handle(self.files[name])
+    if name not in handle.keys():
+      raise CheckpointError(f"tensor {name} is listed in the index but missing from "
+                            f"{self.files[name]}: download it again")
+    dtype = handle.get_slice(name).get_dtype()
+    if dtype not in _FLOAT_DTYPES:
+      raise CheckpointError(f"tensor {name} has dtype {dtype}; only floating-point weights "
+                            f"({', '.join(_FLOAT_DTYPES)}) can be imported: dequantize the "
+                            "model first")
+    return handle.get_tensor(name)
+
+  def close(self) -> None:
+    self._open.clear()
+
+
+def load_hf_params(hf_dir: str, dtype: str = "float32") -> tuple[ModelConfig, Any, Any]:
+  """(config, graphdef, params as nnx.State) of an HF folder, params cast to `dtype`."""
+  from flax import nnx
+  from llmjax.model.transformer import build_model
+  if dtype not in DTYPES:
+    raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+  cfg = convert.config_from_hf(read_hf_config(hf_dir), dtype)
+  weights = SafetensorsFolder(hf_dir)
+  specs = {s.path: s for s in convert.tensor_specs(cfg)}
+  expected = {s.hf_name for s in specs.values()}
+  extra = sorted(n for n in weights.names()
+                 if n not in expected and not convert.is_ignorable(n, cfg))
+  if extra:
+    raise CheckpointError(f"tensor(s) {extra[:5]} in {hf_dir} have no place in the llmjax "
+                          "model of its config.json (unsupported extra weights); refusing to "
+                          "drop them")
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+
+  def fill(path, leaf):
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    keys = keys[:-1] if keys[-1] == "value" else keys
+    spec = specs[keys]
+    # One tensor at a time: read, transpose, cast, put on device, drop the host copy.
+    return jax.device_put(convert.from_hf(spec, weights.get(spec.hf_name)).astype(np_dtype))
+
+  try:
+    params = jax.tree_util.tree_map_with_path(fill, abstract)
+  finally:
+    weights.close()
+  return cfg, graphdef, params
+
+
+def _import_tokenizer(hf_dir: str, out_dir: str) -> tuple[str | None, str | None]:
+  """Copies the tokenizer into `out_dir`: (file name for meta, chat template or None)."""
+  chat_template = None
+  config_path = os.path.join(hf_dir, "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      chat_template = json.load(f).get("chat_template")
+  jinja = os.path.join(hf_dir, "chat_template.jinja")  # transformers >=4.43 writes it apart
+  if chat_template is None and os.path.isfile(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      chat_template = f.read()
+  for aux in _TOKENIZER_AUX:
+    if os.path.isfile(os.path.join(hf_dir, aux)):
+      shutil.copy(os.path.join(hf_dir, aux), os.path.join(out_dir, aux))
+  for name in ("tokenizer.model", "tokenizer.json"):
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      shutil.copy(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+      return name, chat_template
+  logging.warning("%s has no tokenizer.model or tokenizer.json: the import has no tokenizer; "
+                  "give the run one with TokenizerConfig.path", hf_dir)
+  return None, chat_template
+
+
+def import_hf(hf_dir: str, output: str, dtype: str = "float32",
+              overwrite: bool = False) -> str:
+  """Imports `hf_dir` as an llmjax workdir at `output` (written atomically); returns it."""
+  from llmjax.checkpoint import Checkpointer
+  from llmjax.data.hf_tokenizer import load_tokenizer
+  from llmjax.data.tokenizer import check_fits_model
+  hf_dir = os.path.abspath(hf_dir)
+  if not os.path.isdir(hf_dir):
+    raise CheckpointError(f"--hf={hf_dir} is not a folder")
+  cfg, _, params = load_hf_params(hf_dir, dtype)
+  hf_cfg = read_hf_config(hf_dir)
+  with atomic_output_dir(output, overwrite) as tmp:
+    tok_file, chat_template = _import_tokenizer(hf_dir, tmp)
+    if tok_file:
+      try:
+        check_fits_model(load_tokenizer(os.path.join(tmp, tok_file)), cfg.vocab_size)
+      except (ConfigError, DataError) as e:
+        raise DataError(f"{hf_dir}: tokenizer does not fit the model: {e}") from None
+    meta = {"model": dataclasses.asdict(cfg), "stage": STAGE, "step": 0,
+            "tokenizer": tok_file, "source": hf_dir,
+            "hf_architecture": hf_cfg["architectures"][0]}
+    if chat_template:
+      meta["chat_template"] = chat_template
+    ckpt = Checkpointer(os.path.join(tmp, "checkpoints", STAGE), every=1, async_save=False)
+    try:
+      ckpt.save_params_only(0, params, meta)
+      ckpt.wait()
+    finally:
+      ckpt.close()
+  logging.info("Imported %s (%s) to %s", hf_dir, meta["hf_architecture"], output)
+  return os.path.abspath(output)
