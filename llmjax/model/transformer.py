@@ -18,6 +18,15 @@ from llmjax.model.attention import dot_product_attention
 from llmjax.model.config import ModelConfig, RopeScaling
 
 
+def project(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
+  """`einsum(spec, x, w)` computed in `dtype`.
+
+  Every weight matmul of the model goes through here, so that quantized weights and LoRA
+  adapters have one place to take over the matmul.
+  """
+  return jnp.einsum(spec, x, w.astype(dtype))
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
            dtype) -> nnx.Param:
   value = std * jax.random.normal(rngs.params(), shape, dtype)
@@ -97,9 +106,9 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None) -> jax.Array:
     """`x [batch, seq, d_model]` -> `[batch, seq, d_model]`."""
     dt = self.dtype
-    q = jnp.einsum("bsd,dnh->bsnh", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("bsd,dnh->bsnh", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("bsd,dnh->bsnh", x, self.v_proj[...].astype(dt))
+    q = project(x, self.q_proj[...], "bsd,dnh->bsnh", dt)
+    k = project(x, self.k_proj[...], "bsd,dnh->bsnh", dt)
+    v = project(x, self.v_proj[...], "bsd,dnh->bsnh", dt)
     if self.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -108,7 +117,7 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     out = dot_product_attention(q, k, v, segment_ids)
-    return jnp.einsum("bsnh,nhd->bsd", out, self.o_proj[...].astype(dt))
+    return project(out, self.o_proj[...], "bsnh,nhd->bsd", dt)
 
 
 class MLP(nnx.Module):
@@ -123,8 +132,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-    return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+    gate = jax.nn.silu(project(x, self.gate_proj[...], "bsd,df->bsf", dt))
+    up = project(x, self.up_proj[...], "bsd,df->bsf", dt)
+    return project(gate * up, self.down_proj[...], "bsf,fd->bsd", dt)
 
 
 class Block(nnx.Module):
