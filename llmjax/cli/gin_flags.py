@@ -52,7 +52,8 @@ def _resolve(path: str) -> str:
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses the experiment; unknown configurables or parameters fail here, naming the line."""
-  import llmjax.stages  # noqa: F401  (registers every configurable before parsing)
+  import llmjax.parallel.mesh  # noqa: F401  (registers every configurable before parsing)
+  import llmjax.stages  # noqa: F401
   gin.clear_config()
   for root in (os.getcwd(), REPO_ROOT):
     gin.add_config_file_search_path(root)

@@ -18,17 +18,27 @@ from llmjax.errors import ConfigError, LlmjaxError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, tokenizer.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for a multi-process run started by hand; Cloud TPU "
+                    "slices and SLURM jobs are detected without it.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_integer("stop_after_steps", None,
                      "Checkpoint and stop once a stage reaches this step, as a preemption "
                      "would; running again resumes.")
 
 
 def configure(gin_files: list[str], gin_bindings: list[str], workdir: str):
-  """Parses gin and builds every stage; writes `<workdir>/config.gin`."""
+  """Parses gin and builds every stage; writes `<workdir>/config.gin`.
+
+  Returns the stages; `MeshConfig()` is resolved too, so its bindings are checked here.
+  """
   from llmjax import stages
+  from llmjax.parallel import mesh as mesh_lib
   gin_flags.parse_gin(gin_files, gin_bindings)
   try:
     configured = stages.configure_stages()
+    mesh_lib.MeshConfig()
   except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise ConfigError(f"gin config: {e}. Bind it in the gin file or with "
@@ -48,11 +58,16 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   from llmjax import stages
+  from llmjax.parallel import distributed, mesh as mesh_lib
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+    mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files
+    mesh = mesh_lib.make_mesh(mesh_cfg)
     names = [s.name for s in configured]
-    logging.info("Running stages %s in %s", names, FLAGS.workdir)
-    ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps)
+    logging.info("Running stages %s in %s on mesh %s", names, FLAGS.workdir, dict(mesh.shape))
+    ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps,
+                            mesh=mesh, rules=mesh_cfg.rules)
     stages.run_stages(configured, ctx)
   except LlmjaxError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,8 @@ class RunContext:
   params: Any = None  # the previous stage's final parameters
   model_cfg: ModelConfig | None = None  # ... and the config they belong to
   tokenizer: Tokenizer | None = None
+  mesh: Any = None  # jax.sharding.Mesh over all devices; None: data parallel over all
+  rules: str | None = None  # name of the logical-axis rule set (llmjax.parallel.mesh)
 
   @property
   def is_chief(self) -> bool:

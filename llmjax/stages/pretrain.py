@@ -42,7 +42,7 @@ class Pretrain:
                         train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
                         initial_params=ctx.params,
                         meta={"tokenizer": ctx.tokenizer_file()},
-                        stop_after=ctx.stop_after)
+                        stop_after=ctx.stop_after, mesh=ctx.mesh, rules=ctx.rules)
     finally:
       writer.close()
 

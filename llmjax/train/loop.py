@@ -20,15 +20,19 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from llmjax import checkpoint as ckpt_lib
 from llmjax import metrics as metrics_lib
 from llmjax.errors import ConfigError, TrainingDivergedError
 from llmjax.model.config import ModelConfig
 from llmjax.model.transformer import build_model
+from llmjax.parallel import mesh as mesh_lib
 from llmjax.train.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+# Stage-specific eval metrics (e.g. SFT exact match): (graphdef, params, step) -> metrics.
+ExtraEval = Callable[[nnx.GraphDef, nnx.State, int], dict[str, float]]
 
 
 @gin.configurable
@@ -77,8 +81,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def step(state, batch):
     params = state["params"]
+    # Microbatch a takes rows a, a+A, a+2A, ...: each device keeps its own rows, where a
+    # contiguous split would move rows between devices of a batch-sharded mesh.
     micro = jax.tree.map(
-        lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+        lambda x: x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(carry, mb):
       loss_sum, count, grads = grads_of(params, mb)
@@ -153,7 +159,8 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
           train_data: Any, eval_data: list[dict[str, np.ndarray]], train_cfg: TrainConfig,
           opt_cfg: OptimizerConfig, writer: metrics_lib.MetricsWriter,
           initial_params: nnx.State | None = None, meta: dict[str, Any] | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, mesh: Mesh | None = None,
+          rules: str | None = None, extra_eval: ExtraEval | None = None) -> TrainResult:
   """Trains `stage` to `train_cfg.total_steps`, resuming from its latest checkpoint.
 
   Args:
@@ -162,16 +169,32 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
     initial_params: start from these (e.g. the previous stage's) instead of a random init,
       unless the stage already has a checkpoint to resume.
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would.
+    mesh, rules: the device mesh and the name of the logical-axis rule set
+      (`llmjax.parallel.mesh.RULE_SETS`); default: data parallel over all devices.
+    extra_eval: called at every evaluation; its metrics join the eval record.
   """
-  graphdef, params = init_params(model_cfg, train_cfg.seed)
-  if initial_params is not None:
-    params = initial_params
+  mesh = mesh or mesh_lib.make_mesh(mesh_lib.MeshConfig())
+  rules = mesh_lib.RULE_SETS[rules or "fsdp_tensor"]
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, train_cfg.seed)))
+  p_shard = mesh_lib.param_shardings(abstract, mesh, rules)
+  rep = mesh_lib.replicated(mesh)
+  batch_shard = mesh_lib.batch_sharding(mesh, rules)
+  if initial_params is None:
+    # Created already sharded: no host ever holds the whole model.
+    params = jax.jit(lambda: nnx.split(build_model(model_cfg, train_cfg.seed))[1],
+                     out_shardings=p_shard)()
+  else:
+    params = jax.jit(lambda p: p, out_shardings=p_shard)(initial_params)
   tx = build_optimizer(opt_cfg, train_cfg.total_steps)
   schedule = learning_rate_schedule(opt_cfg, train_cfg.total_steps)
+  opt_shard = mesh_lib.like_params_shardings(jax.eval_shape(tx.init, params), params, p_shard,
+                                             mesh)
+  state_shard = {"params": p_shard, "opt_state": opt_shard, "step": rep, "rng": rep,
+                 "first_bad_step": rep}
   state = jax.jit(lambda p: {
       "params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
       "rng": jax.random.key_data(jax.random.key(train_cfg.seed)),
-      "first_bad_step": jnp.full((), -1, jnp.int32)})(params)
+      "first_bad_step": jnp.full((), -1, jnp.int32)}, out_shardings=state_shard)(params)
 
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints/{stage}",
                                        every=train_cfg.checkpoint_every,
@@ -182,20 +205,35 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
   if latest is not None:
     ckpt_lib.check_same_model(checkpointer.read_meta(latest)["model"], model_cfg,
                               checkpointer.directory)
+    # Restores into this run's shardings, whatever mesh or process count wrote it.
     state = checkpointer.restore(latest, ckpt_lib.abstract_like(state), data_iter)
     logging.info("Resumed %s from step %d in %s", stage, latest, checkpointer.directory)
 
-  step_fn = jax.jit(make_train_step(graphdef, tx, schedule, loss_fn, train_cfg.grad_accum_steps),
-                    donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(graphdef, loss_fn))
+  def with_activation_sharding(fn):
+    def wrapped(*args):
+      with mesh_lib.activation_sharding(mesh, rules):
+        return fn(*args)
+    return wrapped
+
+  step_fn = jax.jit(
+      with_activation_sharding(
+          make_train_step(graphdef, tx, schedule, loss_fn, train_cfg.grad_accum_steps)),
+      in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
+      donate_argnums=0)
+  eval_fn = jax.jit(with_activation_sharding(make_eval_step(graphdef, loss_fn)),
+                    in_shardings=(p_shard, batch_shard), out_shardings=rep)
+  to_device = lambda batch: mesh_lib.host_batch_to_global(batch, batch_shard)
 
   def evaluate(step: int) -> None:
     loss_sum = count = 0.0
     for batch in eval_data:
-      s, c = eval_fn(state["params"], batch)
+      s, c = eval_fn(state["params"], to_device(batch))
       loss_sum, count = loss_sum + float(s), count + float(c)
     loss = loss_sum / max(count, 1.0)
-    writer.write(step, {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}, kind="eval")
+    record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+    if extra_eval is not None:
+      record.update(extra_eval(graphdef, state["params"], step))
+    writer.write(step, record, kind="eval")
 
   def save(step: int) -> None:
     checkpointer.save(step, state, data_iter, {**meta, "step": step})
@@ -214,8 +252,8 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
       if seq_len is None:
         seq_len = batch["tokens"].shape[1]
         flops_per_token = metrics_lib.flops_per_token(model_cfg, seq_len)
-      tokens_per_step = batch["tokens"].size
-      state, step_metrics = step_fn(state, batch)
+      tokens_per_step = batch["tokens"].size * jax.process_count()
+      state, step_metrics = step_fn(state, to_device(batch))
       step += 1
       if step == first_step + 1:  # keep the first step's compile out of tokens/s
         jax.block_until_ready(state)

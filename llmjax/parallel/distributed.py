@@ -1,0 +1,47 @@
+"""Multi-process start-up: `jax.distributed.initialize` from flags, environment or cluster."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+
+def _cluster_detected() -> str | None:
+  """The cluster jax can auto-configure itself on, if this process runs on one."""
+  if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 or \
+      os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "Cloud TPU"
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+    return "SLURM"
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins this process to a multi-process run, or does nothing for a single process.
+
+  Explicit arguments win (e.g. several processes on one machine); otherwise a Cloud TPU
+  slice, a SLURM job or `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID` in
+  the environment are detected. Must run before anything touches a jax device.
+  """
+  if coordinator_address is None and num_processes is None:
+    cluster = _cluster_detected()
+    if cluster is None:
+      return
+    logging.info("Multi-process run detected (%s)", cluster)
+    if cluster == "JAX_COORDINATOR_ADDRESS":
+      coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
+      num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+      process_id = int(os.environ["JAX_PROCESS_ID"])
+  if coordinator_address is not None and jax.config.jax_platforms in (None, "", "cpu") and \
+      os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+    # CPU processes need a collectives backend to talk to each other (tests, CPU clusters).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info("Process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,173 @@
+"""Sharded and multi-process runs for tests/parallel (run as a script in a fresh process,
+because the device count is fixed when jax starts).
+
+  python tests/parallel/worker.py meshes
+  python tests/parallel/worker.py train --mesh=1,4,1 --workdir=W --out=F [--process_id=...]
+  python tests/parallel/worker.py restore --mesh=1,1,2 --workdir=W --out=F
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+MODEL = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128,
+             max_seq_len=64)
+GLOBAL_BATCH, SEQ, STEPS = 8, 32, 4
+
+
+def batches(n=STEPS + 1, rows=GLOBAL_BATCH):
+  """Global batches of random tokens, each row two packed documents."""
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    tokens = rng.integers(4, MODEL["vocab_size"], (rows, SEQ + 1), dtype=np.int32)
+    seg = np.where(np.arange(SEQ) < 20, 1, 2).astype(np.int32)
+    pos = np.where(np.arange(SEQ) < 20, np.arange(SEQ), np.arange(SEQ) - 20).astype(np.int32)
+    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+                "loss_mask": np.ones((rows, SEQ), np.int32),
+                "segment_ids": np.tile(seg, (rows, 1)), "positions": np.tile(pos, (rows, 1))})
+  return out
+
+
+def mesh_of(text):
+  from llmjax.parallel import mesh as mesh_lib
+  d, f, t = (int(x) for x in text.split(","))
+  return mesh_lib.make_mesh(mesh_lib.MeshConfig(data=d, fsdp=f, tensor=t))
+
+
+def model_cfg():
+  from llmjax.model.config import ModelConfig
+  return ModelConfig(**MODEL)
+
+
+def meshes(_):
+  """Loss and gradients on each mesh vs one device, and the parameter shardings."""
+  import jax
+  from flax import nnx
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.train.losses import lm_loss
+
+  cfg = model_cfg()
+  graphdef, params = nnx.split(build_model(cfg, seed=0))
+  batch = batches(1)[0]
+
+  def loss_and_grads(p, b):
+    return jax.value_and_grad(lambda q: lm_loss(nnx.merge(graphdef, q), b)[0])(p)
+
+  one = jax.devices()[0]
+  ref_loss, ref_grads = jax.jit(loss_and_grads)(jax.device_put(params, one),
+                                                jax.device_put(batch, one))
+  results = {}
+  for shape in ("8,1,1", "1,8,1", "1,1,8", "2,2,2"):
+    mesh = mesh_of(shape)
+    rules = mesh_lib.RULE_SETS["fsdp_tensor"]
+    abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))[1]
+    p_shard = mesh_lib.param_shardings(abstract, mesh, rules)
+    b_shard = mesh_lib.batch_sharding(mesh, rules)
+
+    def fn(p, b):
+      with mesh_lib.activation_sharding(mesh, rules):
+        return loss_and_grads(p, b)
+    sharded_params = jax.jit(lambda p: p, out_shardings=p_shard)(params)
+    loss, grads = jax.jit(fn, in_shardings=(p_shard, b_shard))(
+        sharded_params, mesh_lib.host_batch_to_global(batch, b_shard))
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+    layer = sharded_params["layers"][0]
+    results[shape] = {
+        "loss": float(loss), "ref_loss": float(ref_loss), "grad_max_abs_diff": diff,
+        "grad_max_abs": max(float(np.abs(np.asarray(g)).max())
+                            for g in jax.tree.leaves(ref_grads)),
+        "specs": {name: str(v.sharding.spec) for name, v in [
+            ("embed", sharded_params["embed"]), ("q_proj", layer["attn"]["q_proj"]),
+            ("k_proj", layer["attn"]["k_proj"]), ("down_proj", layer["mlp"]["down_proj"]),
+            ("norm", layer["input_norm"]["weight"])]},
+        "batch_spec": str(b_shard.spec)}
+  return results
+
+
+def train(args):
+  """A few steps of the real loop on `--mesh`; this process feeds its rows of each batch."""
+  import grain
+  import jax
+  from llmjax import metrics
+  from llmjax.train import loop
+  from llmjax.train.losses import lm_loss
+  from llmjax.train.optimizer import OptimizerConfig
+
+  mesh = mesh_of(args.mesh)
+  n, p = jax.process_count(), jax.process_index()
+  local = [{k: v[p * GLOBAL_BATCH // n:(p + 1) * GLOBAL_BATCH // n] for k, v in b.items()}
+           for b in batches()]
+  data = grain.MapDataset.source(local).to_iter_dataset()
+  writer = metrics.MetricsWriter(args.workdir, "pretrain", STEPS, enabled=p == 0)
+  result = loop.train(
+      stage="pretrain", workdir=args.workdir, model_cfg=model_cfg(), loss_fn=lm_loss,
+      train_data=data, eval_data=[local[-1]],
+      train_cfg=loop.TrainConfig(total_steps=STEPS, log_every=1, eval_every=STEPS,
+                                 checkpoint_every=STEPS),
+      opt_cfg=OptimizerConfig(learning_rate=1e-2, warmup_steps=1), writer=writer,
+      mesh=mesh, rules="fsdp_tensor", meta={"tokenizer": None})
+  writer.close()
+  from jax.experimental import multihost_utils
+  params = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            for x in jax.tree.leaves(result.params)]
+  losses = [r["loss"] for r in metrics.read_metrics(args.workdir)
+            if r["kind"] == "train"] if p == 0 else []
+  return {"params": params, "losses": losses,
+          "specs": [str(x.sharding.spec) for x in jax.tree.leaves(result.params)]}
+
+
+def restore(args):
+  """Restores the run in `--workdir` onto `--mesh` in this single process."""
+  import jax
+  from flax import nnx
+  from llmjax import checkpoint
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+
+  mesh = mesh_of(args.mesh)
+  abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg())))[1]
+  shardings = mesh_lib.param_shardings(abstract, mesh, mesh_lib.RULE_SETS["fsdp_tensor"])
+  target = mesh_lib.sharded_abstract(abstract, shardings)
+  run = checkpoint.load_run(args.workdir, abstract_params=target)
+  leaves = jax.tree.leaves(run.params)
+  return {"params": [np.asarray(x) for x in leaves], "step": run.step,
+          "specs": [str(x.sharding.spec) for x in leaves]}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["meshes", "train", "restore"])
+  parser.add_argument("--mesh", default="1,1,1")
+  parser.add_argument("--workdir")
+  parser.add_argument("--out")
+  parser.add_argument("--devices", type=int, default=8)
+  parser.add_argument("--coordinator")
+  parser.add_argument("--num_processes", type=int)
+  parser.add_argument("--process_id", type=int)
+  args = parser.parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from llmjax.parallel import distributed
+  if args.coordinator:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  result = {"meshes": meshes, "train": train, "restore": restore}[args.mode](args)
+  if args.mode == "meshes":
+    print(json.dumps(result))
+  elif args.out and (args.process_id or 0) == 0:
+    np.savez(args.out, *result.pop("params"))
+    with open(args.out + ".json", "w") as f:
+      json.dump(result, f)
+
+
+if __name__ == "__main__":
+  main()
