@@ -22,6 +22,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for a multi-process run started by hand; Cloud TPU "
                     "slices and SLURM jobs are detected without it.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_bool("jax_distributed", False,
+                  "Call jax.distributed.initialize() with cluster auto-detection (every worker "
+                  "of a Cloud TPU slice; launch/tpu_vm.py sets it).")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_integer("stop_after_steps", None,
                      "Checkpoint and stop once a stage reaches this step, as a preemption "
@@ -59,7 +62,8 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   from llmjax import stages
   from llmjax.parallel import distributed, mesh as mesh_lib
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         auto=FLAGS.jax_distributed)
   try:
     configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
     mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files

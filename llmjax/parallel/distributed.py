@@ -21,14 +21,17 @@ def _cluster_detected() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, auto: bool = False) -> None:
   """Joins this process to a multi-process run, or does nothing for a single process.
 
   Explicit arguments win (e.g. several processes on one machine); otherwise a Cloud TPU
   slice, a SLURM job or `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID` in
-  the environment are detected. Must run before anything touches a jax device.
+  the environment are detected; `auto` leaves all detection to jax (Cloud TPU VMs, where
+  the slice is described by the metadata server). Must run before anything touches a device.
   """
-  if coordinator_address is None and num_processes is None:
+  if auto and coordinator_address is None:
+    jax.distributed.initialize()
+  elif coordinator_address is None and num_processes is None:
     cluster = _cluster_detected()
     if cluster is None:
       return
@@ -37,11 +40,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
       num_processes = int(os.environ["JAX_NUM_PROCESSES"])
       process_id = int(os.environ["JAX_PROCESS_ID"])
-  if coordinator_address is not None and jax.config.jax_platforms in (None, "", "cpu") and \
-      os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-    # CPU processes need a collectives backend to talk to each other (tests, CPU clusters).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+    _initialize(coordinator_address, num_processes, process_id)
+  else:
+    _initialize(coordinator_address, num_processes, process_id)
   logging.info("Process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _initialize(coordinator_address, num_processes, process_id) -> None:
+  # CPU devices of different processes need a collectives backend (tests, CPU clusters);
+  # the setting touches only the CPU client, so it is harmless next to GPUs and TPUs.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
