@@ -84,7 +84,8 @@ def setup_commands(args) -> list[list[str]]:
 def run_command(args, train_args: list[str]) -> list[str]:
   train = ["llmjax-train", f"--workdir={args.workdir}", "--jax_distributed", *train_args]
   # `python3 -m` avoids depending on ~/.local/bin being on PATH in a non-login ssh shell.
-  line = f"cd {REMOTE_DIR} && python3 -m llmjax.cli.train {shlex.join(train[1:])} 2>&1 | tee -a {LOG}"
+  line = (f"cd {REMOTE_DIR} && python3 -m llmjax.cli.train {shlex.join(train[1:])} "
+          f"2>&1 | tee -a {LOG}")
   return _ssh(args, line)
 
 

@@ -43,6 +43,10 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype: float32 or bfloat16
   param_dtype: str = "float32"
+  # How the forward pass is computed; none of these change the parameters.
+  attention: str = "xla"  # xla | dot_product (cuDNN flash on GPU) | splash (Pallas, TPU)
+  remat: str = "none"  # none | full | dots | dots_no_batch: what each block saves for backward
+  scan_layers: bool = False  # lax.scan over the blocks: one block to compile, not n_layers
 
   def __post_init__(self):
     problems = []
@@ -58,6 +62,11 @@ class ModelConfig:
                       "set head_dim explicitly")
     if self.resolved_head_dim % 2:
       problems.append(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+    choices = {"attention": ("xla", "dot_product", "splash"),
+               "remat": ("none", "full", "dots", "dots_no_batch")}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         problems.append(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
@@ -71,7 +80,8 @@ class ModelConfig:
   def num_params(self, include_embeddings: bool = True) -> int:
     """Exact parameter count of the model this config builds."""
     hd = self.resolved_head_dim
-    attn = self.d_model * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * self.d_model
+    attn = (self.d_model * hd * (self.n_heads + 2 * self.n_kv_heads)
+            + self.n_heads * hd * self.d_model)
     if self.qkv_bias:
       attn += hd * (self.n_heads + 2 * self.n_kv_heads)
     mlp = 3 * self.d_model * self.d_ff
@@ -84,7 +94,8 @@ class ModelConfig:
   def shape_dict(self) -> dict[str, Any]:
     """The fields that must match between a checkpoint and the model restoring it."""
     d = dataclasses.asdict(self)
-    for numerics_only in ("dtype", "init_std", "max_seq_len"):
+    for numerics_only in ("dtype", "init_std", "max_seq_len", "attention", "remat",
+                          "scan_layers"):
       d.pop(numerics_only)
     return d
 

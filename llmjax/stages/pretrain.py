@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import gin
 import jax
@@ -38,7 +39,8 @@ class Pretrain:
     try:
       writer.write(0, {"unigram_loss": metrics_lib.unigram_loss(eval_data)}, kind="baseline")
       return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
-                        loss_fn=lm_loss, train_data=train_ds, eval_data=eval_data,
+                        loss_fn=functools.partial(lm_loss, chunk_size=self.train.loss_chunk_size),
+                        train_data=train_ds, eval_data=eval_data,
                         train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
                         initial_params=ctx.params,
                         meta={"tokenizer": ctx.tokenizer_file()},

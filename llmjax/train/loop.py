@@ -47,6 +47,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   seed: int = 0  # parameter init and the state's RNG
   peak_flops_per_device: float | None = None  # for MFU where the chip is not in the table
+  loss_chunk_size: int = 0  # >0: memory-lean loss over this many positions at a time
 
   def __post_init__(self):
     for name in ("total_steps", "grad_accum_steps", "log_every", "eval_every",
