@@ -41,6 +41,7 @@ setuptools.setup(
             "llmjax-tokenizer=llmjax.cli.tokenizer:run_main",
             "llmjax-export=llmjax.cli.export:run_main",
             "llmjax-import=llmjax.cli.import_:run_main",
+            "llmjax-quantize=llmjax.cli.quantize:run_main",
         ]
     },
 )

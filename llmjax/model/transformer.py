@@ -14,16 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.model.attention import dot_product_attention
+from llmjax.model import quant
+from llmjax.model.attention import attend, cache_attention_mask, cached_attention
 from llmjax.model.config import ModelConfig, RopeScaling
+from llmjax.parallel.mesh import constrain
+
+# The residual stream between blocks: rows split over the batch mesh axes, nothing else
+# (a no-op unless a training step runs under `llmjax.parallel.mesh.activation_sharding`).
+RESIDUAL_AXES = ("batch", None, None)
 
 
 def project(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
   """`einsum(spec, x, w)` computed in `dtype`.
 
   Every weight matmul of the model goes through here, so that quantized weights and LoRA
-  adapters have one place to take over the matmul.
+  adapters have one place to take over the matmul. A `quant.QuantizedTensor` weight (read
+  from a `quant.QuantizedWeight`) runs as one 2-D quantized matmul instead.
   """
+  if isinstance(w, quant.QuantizedTensor):
+    return quant.quantized_project(x, w, spec, dtype)
   return jnp.einsum(spec, x, w.astype(dtype))
 
 
@@ -99,12 +108,37 @@ class Attention(nnx.Module):
       self.v_bias = nnx.Param(jnp.zeros((kv, h), pdt), logical_axes=("kv_heads", "head_dim"))
     self.qkv_bias = cfg.qkv_bias
     self.dtype = jnp.dtype(cfg.dtype)
+    self.backend = cfg.attention
     # Static (not a parameter): recomputed as a trace-time constant.
     self.rope = (h, cfg.rope_theta, cfg.rope_scaling)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None) -> jax.Array:
     """`x [batch, seq, d_model]` -> `[batch, seq, d_model]`."""
+    q, k, v = self._qkv(x, positions)
+    out = attend(q, k, v, segment_ids, self.backend)
+    return project(out, self.o_proj[...], "bsnh,nhd->bsd", self.dtype)
+
+  def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             index: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of new tokens over a KV cache, writing their keys and values into it.
+
+    Args:
+      x: `[batch, seq, d_model]` the new tokens; `positions [batch, seq]` their RoPE positions.
+      k_cache, v_cache: `[batch, cache_len, n_kv_heads, head_dim]`.
+      index: `[batch]` the cache slot of each row's first new token (rows may differ).
+      mask: `[batch, 1, 1, seq, cache_len]` from `cache_attention_mask`.
+    Returns:
+      (`[batch, seq, d_model]`, updated k_cache, updated v_cache).
+    """
+    q, k, v = self._qkv(x, positions)
+    write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
+    k_cache = write(k_cache, k.astype(k_cache.dtype), index)
+    v_cache = write(v_cache, v.astype(v_cache.dtype), index)
+    out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+    return project(out, self.o_proj[...], "bsnh,nhd->bsd", self.dtype), k_cache, v_cache
+
+  def _qkv(self, x: jax.Array, positions: jax.Array):
     dt = self.dtype
     q = project(x, self.q_proj[...], "bsd,dnh->bsnh", dt)
     k = project(x, self.k_proj[...], "bsd,dnh->bsnh", dt)
@@ -116,8 +150,7 @@ class Attention(nnx.Module):
     inv_freq = rope_frequencies(*self.rope)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    out = dot_product_attention(q, k, v, segment_ids)
-    return project(out, self.o_proj[...], "bsnh,nhd->bsd", dt)
+    return q, k, v
 
 
 class MLP(nnx.Module):
@@ -151,6 +184,35 @@ class Block(nnx.Module):
     x = x + self.attn(self.input_norm(x), positions, segment_ids)
     return x + self.mlp(self.post_attn_norm(x))
 
+  def decode(self, x, positions, k_cache, v_cache, index, mask):
+    """`Block.__call__` over a KV cache (see `Attention.decode`)."""
+    attn, k_cache, v_cache = self.attn.decode(self.input_norm(x), positions, k_cache, v_cache,
+                                              index, mask)
+    x = x + attn
+    return x + self.mlp(self.post_attn_norm(x)), k_cache, v_cache
+
+
+# What a rematerialized block keeps from its forward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "full": None,  # nothing: least memory, one extra forward per block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weights' matmuls
+}
+
+
+def _scan_blocks(layers, run_block, x: jax.Array) -> jax.Array:
+  """Runs identical blocks under `lax.scan`, so XLA compiles one block instead of n.
+
+  Parameters stay stored per layer (the layout checkpoints and HF conversion use) and are
+  stacked inside the step; under jit that is a cheap copy next to the block compute.
+  """
+  graphdef, _ = nnx.split(layers[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in layers])
+
+  def body(x, state):
+    return run_block(nnx.merge(graphdef, state), x), None
+  return jax.lax.scan(body, x, stacked)[0]
+
 
 class Transformer(nnx.Module):
   """Token ids `[batch, seq]` -> next-token logits `[batch, seq, vocab]` (float32)."""
@@ -170,10 +232,45 @@ class Transformer(nnx.Module):
     """Final-norm hidden states `[batch, seq, d_model]` in the compute dtype."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self.embed[...].astype(self.config.dtype)[tokens]
-    for layer in self.layers:
-      x = layer(x, positions, segment_ids)
+    cfg = self.config
+    x = constrain(self.embed[...].astype(cfg.dtype)[tokens], RESIDUAL_AXES)
+
+    def run_block(layer: Block, x: jax.Array) -> jax.Array:
+      return constrain(layer(x, positions, segment_ids), RESIDUAL_AXES)
+    if cfg.remat != "none":
+      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      x = _scan_blocks(self.layers, run_block, x)
+    else:
+      for layer in self.layers:
+        x = run_block(layer, x)
     return self.final_norm(x)
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array, cache):
+    """Runs new tokens against a KV cache: prefill (many tokens) and decode (one) alike.
+
+    Args:
+      tokens: `[batch, seq]` new tokens, written at cache slots `cache.index + arange(seq)`.
+      positions: `[batch, seq]` their RoPE positions (per row, so padded prompts line up).
+      token_valid: `[batch, seq]` bool, False for padding (never attended to).
+      cache: a `llmjax.sample.kv_cache.KVCache` (k, v: per-layer
+        `[batch, cache_len, n_kv_heads, head_dim]`; valid `[batch, cache_len]`; index `[batch]`).
+    Returns:
+      (final-norm hidden states `[batch, seq, d_model]`, the updated cache).
+    """
+    seq = tokens.shape[1]
+    slots = cache.index[:, None] + jnp.arange(seq)
+    write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
+    valid = write(cache.valid, token_valid.astype(cache.valid.dtype), cache.index)
+    mask = cache_attention_mask(valid, slots)
+    x = self.embed[...].astype(self.config.dtype)[tokens]
+    ks, vs = [], []
+    for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+      x, k_cache, v_cache = layer.decode(x, positions, k_cache, v_cache, cache.index, mask)
+      ks.append(k_cache)
+      vs.append(v_cache)
+    new_cache = cache._replace(k=tuple(ks), v=tuple(vs), valid=valid, index=cache.index + seq)
+    return self.final_norm(x), new_cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[batch, seq, d_model]` -> float32 `[batch, seq, vocab]`."""
