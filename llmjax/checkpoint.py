@@ -155,11 +155,15 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
       raise CheckpointError(f"no checkpoint step {step} for stage {stage!r} in {workdir}; "
                             f"saved steps: {ckpt.all_steps()}")
     meta = ckpt.read_meta(step)
-    cfg = ModelConfig.from_dict(meta["model"])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
-    params = ckpt.restore_params(step, abstract_params or abstract_like(abstract))
+    if "quantization" not in meta:
+      cfg = ModelConfig.from_dict(meta["model"])
+      graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+      params = ckpt.restore_params(step, abstract_params or abstract_like(abstract))
   finally:
     ckpt.close()
+  if "quantization" in meta:  # an llmjax-quantize output: its params are packed weights
+    from llmjax.model.quant import load_quantized
+    return load_quantized(workdir, step)
   # An import of an HF model saved without a tokenizer records None.
   tok_file = meta.get("tokenizer", "tokenizer.model")
   tokenizer = load_tokenizer(os.path.join(workdir, tok_file)) if tok_file else None

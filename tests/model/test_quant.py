@@ -282,6 +282,12 @@ def test_cli_quantizes_saves_and_reports(trained, tmp_path):
   batches = pipeline.eval_batches(cfg, loaded.tokenizer, pipeline.document_sources(cfg)[1])
   assert quant.eval_loss(loaded.graphdef, loaded.params, batches) == pytest.approx(
       ev["quantized_loss"], rel=1e-5)
+  # Generation and anything else that loads a run take a quantized output as it is.
+  from llmjax.checkpoint import load_run
+  as_run = load_run(out)
+  assert as_run.stage == "quantized" and as_run.step == 100
+  assert quant.eval_loss(as_run.graphdef, as_run.params, batches) == pytest.approx(
+      ev["quantized_loss"], rel=1e-4)
   # Quantizing the output again is refused (it is not a float checkpoint), and so is
   # writing over an existing quantized checkpoint without --overwrite.
   cfg = quant.QuantConfig("int4", 32, "reference")
