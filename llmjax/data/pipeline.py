@@ -17,6 +17,7 @@ from typing import Any
 
 import gin
 import grain
+from absl import logging
 import numpy as np
 
 from llmjax.data import sources as sources_lib
@@ -37,7 +38,8 @@ class DataConfig:
     train_paths: files or globs for the file formats.
     eval_paths: held-out files; when empty, `eval_documents` documents of the training
       source are held out (a fixed, seed-independent selection).
-    field: the JSON field holding the text (jsonl, and arrayrecord of JSON records).
+    field: the JSON field holding the text: for jsonl (None means 'text'), and for
+      arrayrecord files of JSON records (None: each record is UTF-8 text).
     skip_bad_lines: skip and count malformed JSONL lines instead of failing.
     seq_len: tokens per packed row.
     batch_size: rows per optimizer step, summed over all processes and microbatches.
@@ -49,7 +51,7 @@ class DataConfig:
   format: str = "builtin"
   train_paths: tuple[str, ...] = ()
   eval_paths: tuple[str, ...] = ()
-  field: str = "text"
+  field: str | None = None
   skip_bad_lines: bool = False
   seq_len: int = 256
   batch_size: int = 16
@@ -70,12 +72,15 @@ def document_sources(cfg: DataConfig) -> tuple[Any, Any]:
   """(train, eval) random-access sources of documents (str). Fails fast on bad files."""
   if cfg.format == "builtin":
     return sources_lib.BuiltinSource("train", seed=cfg.seed), sources_lib.BuiltinSource("eval")
-  kwargs = {"skip_bad_lines": cfg.skip_bad_lines} if cfg.format == "jsonl" else {}
-  if cfg.format in ("jsonl", "arrayrecord"):
-    kwargs["field"] = cfg.field if cfg.format == "jsonl" or cfg.field != "text" else None
-  train = sources_lib.make_source(cfg.format, list(cfg.train_paths), **kwargs)
+  kwargs = {}
+  if cfg.format == "jsonl":
+    kwargs = {"skip_bad_lines": cfg.skip_bad_lines, "field": cfg.field or "text"}
+  elif cfg.format == "arrayrecord":
+    kwargs = {"field": cfg.field}
+  train = _report_skipped(sources_lib.make_source(cfg.format, list(cfg.train_paths), **kwargs))
   if cfg.eval_paths:
-    return train, sources_lib.make_source(cfg.format, list(cfg.eval_paths), **kwargs)
+    return train, _report_skipped(
+        sources_lib.make_source(cfg.format, list(cfg.eval_paths), **kwargs))
   if len(train) <= cfg.eval_documents:
     raise ConfigError(f"the training data has {len(train)} documents, too few to hold out "
                       f"DataConfig.eval_documents={cfg.eval_documents} for eval: give "
@@ -83,6 +88,15 @@ def document_sources(cfg: DataConfig) -> tuple[Any, Any]:
   # A fixed permutation (not cfg.seed) so changing the shuffle seed never leaks eval data.
   held_out = grain.MapDataset.source(train).shuffle(seed=12345)
   return held_out[cfg.eval_documents:], held_out[:cfg.eval_documents]
+
+
+def _report_skipped(source: Any) -> Any:
+  """Says how many malformed lines `skip_bad_lines` dropped, and the first few reasons."""
+  skipped = getattr(source, "num_skipped", 0)
+  if skipped:
+    logging.warning("skipped %d malformed line(s) in %s (DataConfig.skip_bad_lines=True); "
+                    "first: %s", skipped, source, "; ".join(source.problems[:3]))
+  return source
 
 
 class TokenizeDocument:

@@ -141,3 +141,16 @@ def test_too_few_documents_to_hold_out(tmp_path):
   cfg = pipeline.DataConfig(format="text", train_paths=(str(path),), eval_documents=5)
   with pytest.raises(ConfigError, match="too few to hold out"):
     pipeline.document_sources(cfg)
+
+
+def test_skipped_bad_lines_are_counted_and_reported(tmp_path, caplog):
+  path = tmp_path / "d.jsonl"
+  lines = [f'{{"text": "doc {i}"}}' for i in range(30)]
+  lines[4], lines[17] = "not json", '{"body": "no text field"}'
+  path.write_text("\n".join(lines))
+  cfg = pipeline.DataConfig(format="jsonl", train_paths=(str(path),), eval_documents=5,
+                            skip_bad_lines=True)
+  with caplog.at_level("WARNING"):
+    train, held = pipeline.document_sources(cfg)
+  assert len(train) + len(held) == 28
+  assert "skipped 2 malformed line(s)" in caplog.text and "d.jsonl:5" in caplog.text
