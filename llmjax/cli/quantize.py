@@ -39,7 +39,8 @@ flags.DEFINE_integer("seq_len", 256, "Tokens per eval row.")
 flags.DEFINE_enum("data_format", "builtin", ["builtin", "text", "jsonl", "arrayrecord"],
                   "Eval data format; 'builtin' is the synthetic world's eval split.")
 flags.DEFINE_multi_string("eval_paths", [], "Eval files or globs (non-builtin formats).")
-flags.DEFINE_string("field", "text", "JSON field holding the text (jsonl/arrayrecord).")
+flags.DEFINE_string("field", None, "JSON field holding the text (jsonl: default text; "
+                    "arrayrecord: unset reads UTF-8 text records).")
 flags.DEFINE_multi_string("gin_file", [], "gin file(s) binding QuantConfig.")
 flags.DEFINE_multi_string("gin_bindings", [], "gin bindings, e.g. \"QuantConfig.scheme = 'nf4'\".")
 flags.DEFINE_bool("overwrite", False, "Replace an existing quantized checkpoint in --output.")
