@@ -1,0 +1,299 @@
+"""Instruction data for SFT: sources, tokenization with truncation rules, packing.
+
+Sources give conversations (lists of `{role, content}`):
+  * JSONL, one example per line, either Alpaca form `{"instruction", "input"?, "output"}` or
+    chat form `{"messages": [{"role", "content"}, ...]}` (multi-turn, optional system first);
+  * 'builtin': questions about the synthetic world's people and arithmetic
+    (`synthetic.qa_pairs`), some as two-turn conversations, some with a system prompt.
+
+Examples are tokenized up front with a chat template (`llmjax.data.chat`), so every truncated
+or dropped example is counted before training starts. They are then packed whole (first-fit,
+never split across rows) into the batch layout of `llmjax.data.pipeline`, with `loss_mask`
+set only on assistant tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+import gin
+import grain
+import numpy as np
+
+from llmjax.data import chat, synthetic
+from llmjax.data.sources import expand_paths
+from llmjax.errors import ConfigError, DataError
+
+OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
+FORMATS = ("builtin", "jsonl")
+BUILTIN_SYSTEM = "Answer with just the answer."
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+  """Where the instruction data comes from and how it becomes batches.
+
+  Attributes:
+    format: 'builtin' (the synthetic world's questions) or 'jsonl' (Alpaca or chat form).
+    train_paths, eval_paths: JSONL files or globs; with no eval_paths, `eval_examples`
+      examples of the training files are held out (a fixed selection).
+    seq_len: tokens per packed row; an example longer than seq_len + 1 tokens is overlong.
+    batch_size: rows per optimizer step.
+    overlong: 'truncate_prompt' (drop the oldest context, keep the last reply; cut the
+      reply's end only if it alone does not fit), 'truncate_end' (keep the beginning) or
+      'drop'. Truncated and dropped examples are counted and logged.
+    skip_bad_lines: count and skip malformed JSONL lines instead of failing.
+    builtin_train, builtin_eval: sizes of the built-in instruction sets.
+    eval_examples: held-out examples when there are no eval_paths (jsonl).
+    eval_batches: packed batches per loss evaluation.
+    seed: shuffling seed. num_epochs: None repeats forever.
+  """
+  format: str = "builtin"
+  train_paths: tuple[str, ...] = ()
+  eval_paths: tuple[str, ...] = ()
+  seq_len: int = 256
+  batch_size: int = 16
+  overlong: str = "truncate_prompt"
+  skip_bad_lines: bool = False
+  builtin_train: int = 2000
+  builtin_eval: int = 300
+  eval_examples: int = 200
+  eval_batches: int = 4
+  seed: int = 0
+  num_epochs: int | None = None
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ConfigError(f"SFTDataConfig.format={self.format!r}: use one of {FORMATS}")
+    if self.overlong not in OVERLONG_RULES:
+      raise ConfigError(f"SFTDataConfig.overlong={self.overlong!r}: use one of "
+                        f"{OVERLONG_RULES}")
+    if self.seq_len < 8 or self.batch_size < 1:
+      raise ConfigError(f"SFTDataConfig needs seq_len >= 8 and batch_size >= 1, got "
+                        f"seq_len={self.seq_len}, batch_size={self.batch_size}")
+
+
+# ---- Sources ----
+
+def _to_messages(record: Any, where: str) -> list[dict[str, str]]:
+  if not isinstance(record, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  if "messages" in record:
+    return chat.validate_messages(record["messages"], where)
+  if "instruction" in record and "output" in record:
+    fields = {k: record.get(k, "") for k in ("instruction", "input", "output")}
+    bad = [k for k, v in fields.items() if not isinstance(v, str)]
+    if bad:
+      raise DataError(f"{where}: Alpaca field(s) {bad} must be strings")
+    prompt = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+    return [{"role": "user", "content": prompt},
+            {"role": "assistant", "content": fields["output"]}]
+  raise DataError(f"{where}: neither chat form ('messages') nor Alpaca form ('instruction' "
+                  f"and 'output'); keys are {sorted(record)[:8]}")
+
+
+def read_jsonl(paths: Sequence[str] | str, skip_bad_lines: bool = False
+               ) -> tuple[list[list[dict[str, str]]], int]:
+  """(conversations, skipped line count) of JSONL files in Alpaca or chat form.
+
+  A malformed line is a DataError naming `file:line`, unless `skip_bad_lines` (then counted).
+  Blank lines are ignored.
+  """
+  conversations, skipped = [], 0
+  for path in expand_paths(paths):
+    with open(path, encoding="utf-8") as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f"{path}:{lineno}"
+        try:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix the "
+                            "line or set SFTDataConfig.skip_bad_lines = True") from None
+          conversations.append(_to_messages(record, where))
+        except DataError:
+          if not skip_bad_lines:
+            raise
+          skipped += 1
+  if not conversations:
+    raise DataError(f"{paths}: no examples found: the files are empty or every line was "
+                    "skipped")
+  return conversations, skipped
+
+
+def builtin_conversations(split: str, num: int, seed: int = 0) -> list[list[dict[str, str]]]:
+  """The synthetic world's questions as conversations; each reply is the bare answer.
+
+  'train' mixes single questions (75%) and two-question conversations, a fifth of them with a
+  system prompt; 'eval' (held-out phrasings and arithmetic) is single questions only, the last
+  message being the reference answer.
+  """
+  pairs = synthetic.qa_pairs(split, num, seed)
+  if split == "eval":
+    return [[{"role": "user", "content": p["question"]},
+             {"role": "assistant", "content": p["answer"]}] for p in pairs]
+  rng = np.random.default_rng([seed, 77])
+  out, i = [], 0
+  while i < len(pairs):
+    turns = 2 if rng.random() < 0.25 and i + 1 < len(pairs) else 1
+    conv = [{"role": "system", "content": BUILTIN_SYSTEM}] if rng.random() < 0.2 else []
+    for p in pairs[i:i + turns]:
+      conv += [{"role": "user", "content": p["question"]},
+               {"role": "assistant", "content": p["answer"]}]
+    out.append(conv)
+    i += turns
+  return out
+
+
+def conversations(cfg: SFTDataConfig) -> tuple[list, list, int]:
+  """(train, eval, skipped lines) conversations for `cfg`."""
+  if cfg.format == "builtin":
+    return (builtin_conversations("train", cfg.builtin_train, cfg.seed),
+            builtin_conversations("eval", cfg.builtin_eval), 0)
+  train, skipped = read_jsonl(list(cfg.train_paths), cfg.skip_bad_lines)
+  if cfg.eval_paths:
+    evals, more = read_jsonl(list(cfg.eval_paths), cfg.skip_bad_lines)
+    return train, evals, skipped + more
+  if len(train) <= cfg.eval_examples:
+    raise ConfigError(f"{len(train)} training examples are too few to hold out "
+                      f"SFTDataConfig.eval_examples={cfg.eval_examples}: give eval_paths or "
+                      "lower eval_examples")
+  # A fixed permutation (not cfg.seed), so changing the shuffle seed never leaks eval data.
+  order = np.random.default_rng(12345).permutation(len(train))
+  held = set(order[:cfg.eval_examples].tolist())
+  return ([c for i, c in enumerate(train) if i not in held],
+          [train[i] for i in sorted(held)], skipped)
+
+
+# ---- Tokenization and truncation ----
+
+@dataclasses.dataclass
+class TokenizeStats:
+  examples: int = 0
+  truncated: int = 0
+  dropped_overlong: int = 0
+  dropped_no_reply: int = 0  # nothing left to train on (no assistant turn, or cut away)
+
+  def as_dict(self, prefix: str = "") -> dict[str, int]:
+    return {prefix + k: v for k, v in dataclasses.asdict(self).items()}
+
+
+def truncate(ids: list[int], mask: list[int], max_len: int, rule: str,
+             bos_id: int | None) -> tuple[list[int], list[int]] | None:
+  """Fits one example into `max_len` tokens by `rule` (see SFTDataConfig); None = drop."""
+  if len(ids) <= max_len:
+    return ids, mask
+  if rule == "drop":
+    return None
+  if rule == "truncate_end":
+    return ids[:max_len], mask[:max_len]
+  # truncate_prompt: the last reply starts after the last 0 -> 1 transition of the mask.
+  starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+  if not starts:
+    return ids[:max_len], mask[:max_len]
+  r = starts[-1]
+  keep_bos = bos_id is not None and bos_id >= 0 and ids[0] == bos_id
+  lead = 1 if keep_bos else 0
+  # The reply keeps at most the budget minus a quarter for its prompt (or all the prompt has).
+  reply_budget = max_len - lead - min(r - lead, max(1, max_len // 4))
+  tail_ids, tail_mask = ids[r:r + reply_budget], mask[r:r + reply_budget]
+  cut = max(lead, r - (max_len - lead - len(tail_ids)))  # keep the most recent context
+  return (ids[:lead] + ids[cut:r] + tail_ids, mask[:lead] + mask[cut:r] + tail_mask)
+
+
+def tokenize_conversations(convs: Sequence[list[dict[str, str]]], tokenizer: Any,
+                           template: str, seq_len: int, overlong: str
+                           ) -> tuple[list[dict[str, np.ndarray]], TokenizeStats]:
+  """Examples `{inputs, targets, loss_mask}` (each `[len - 1]`) and what truncation did.
+
+  `loss_mask[i]` is 1 when `targets[i]` is an assistant token (reply or its end token).
+  """
+  stats = TokenizeStats()
+  out = []
+  for conv in convs:
+    stats.examples += 1
+    ids, mask = chat.render_chat(conv, template, tokenizer)
+    fitted = truncate(ids, mask, seq_len + 1, overlong, tokenizer.bos_id)
+    if fitted is None:
+      stats.dropped_overlong += 1
+      continue
+    if len(fitted[0]) < len(ids):
+      stats.truncated += 1
+    ids, mask = fitted
+    if not any(mask[1:]):
+      stats.dropped_no_reply += 1
+      continue
+    ids = np.asarray(ids, np.int32)
+    out.append({"inputs": ids[:-1], "targets": ids[1:],
+                "loss_mask": np.asarray(mask[1:], np.int32)})
+  if not out:
+    raise DataError(f"no SFT example is left after tokenization ({stats.as_dict()}): raise "
+                    "SFTDataConfig.seq_len or check that the data has assistant replies")
+  return out, stats
+
+
+# ---- Packing ----
+
+def pack_examples(ds: grain.IterDataset, seq_len: int, rows: int,
+                  seed: int = 0) -> grain.IterDataset:
+  """First-fit packs whole examples into `seq_len` rows (padding instead of splitting).
+
+  `rows` bins are filled at a time, so a batch of `rows` rows is one packing round.
+  """
+  lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+  packed = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct=lengths, num_packing_bins=rows, seed=seed, shuffle_bins=True)
+  return packed.map(_rename_packed)
+
+
+def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"tokens": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"],
+          "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+def train_batches(examples: list[dict[str, np.ndarray]], cfg: SFTDataConfig,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's stream of packed training batches `[batch_size // processes, seq_len]`."""
+  if cfg.batch_size % process_count:
+    raise ConfigError(f"SFTDataConfig.batch_size={cfg.batch_size} must be divisible by the "
+                      f"number of processes ({process_count})")
+  rows = cfg.batch_size // process_count
+  ds = grain.MapDataset.source(examples)[process_index::process_count]
+  ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs).to_iter_dataset()
+  return pack_examples(ds, cfg.seq_len, rows, cfg.seed).batch(rows, drop_remainder=True)
+
+
+def eval_batches(examples: list[dict[str, np.ndarray]], cfg: SFTDataConfig,
+                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """Fixed held-out packed batches (a short last batch padded with empty rows)."""
+  rows = cfg.batch_size // process_count
+  ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset()
+  out = []
+  for batch in pack_examples(ds, cfg.seq_len, rows).batch(rows, drop_remainder=False):
+    n = batch["tokens"].shape[0]
+    if n < rows:
+      batch = {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    out.append(batch)
+    if len(out) == cfg.eval_batches:
+      break
+  return out
+
+
+# ---- Exact-match items ----
+
+def reference_items(convs: Sequence[list[dict[str, str]]]) -> list[dict[str, Any]]:
+  """`{messages, answer}` for each conversation ending in an assistant reply: the prompt is
+  everything before the reply, the answer its text."""
+  return [{"messages": c[:-1], "answer": c[-1]["content"]}
+          for c in convs if len(c) >= 2 and c[-1]["role"] == "assistant"]
+
+
+def normalize_answer(text: str) -> str:
+  """Case, surrounding space and a final period do not count against an exact match."""
+  return text.strip().rstrip(".").strip().lower()

@@ -1,0 +1,324 @@
+"""Batched generation with a KV cache: the engine of evaluation, chat and the RL stages.
+
+One compiled call per batch: prefill every prompt at once, sample the first token, then decode
+token by token inside a `jax.lax.while_loop` that ends when every row has stopped or the token
+budget is spent. Shapes are static and bucketed (batch rows, prompt length and new-token budget
+each rounded up to a bucket), so a workload of many prompts compiles a handful of programs,
+not one per prompt. With `num_samples > 1` each prompt is prefilled once and its cache copied
+to its samples.
+
+Returned logprobs are those of the model's own distribution (log-softmax of the raw logits,
+before temperature, top-k and top-p), which is what policy-gradient methods compare against a
+forward pass; `sampling_logprobs` are those of the distribution actually sampled from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmjax.errors import ConfigError
+from llmjax.sample import kv_cache as kv_lib
+
+PAD_SIDES = ("left", "right")
+_MIN_NEW_BUCKET = 16
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ConfigError(f"a prompt of {n} tokens is longer than the largest prompt bucket "
+                    f"({buckets[-1]}): truncate the prompt or pass larger prompt_buckets")
+
+
+def _pow2_at_least(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """Completions of `n` prompts x `s` samples, prompt-major (`[n, s, ...]`).
+
+  tokens: `[n, s, max_new_tokens]` int32, the generated tokens (the stop token included),
+    `pad_id` after `lengths`.
+  logprobs: `[n, s, max_new_tokens]` float32, model log-probability of each token (0 after).
+  sampling_logprobs: the same under the sampled (temperature/top-k/top-p) distribution.
+  lengths: `[n, s]` tokens generated, up to and including a stop token or string.
+  stopped: `[n, s]` bool, True when a stop token or string ended the row (False: budget hit).
+  texts: `[n][s]` decoded completions without the stop token/string (None without tokenizer).
+  """
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  sampling_logprobs: np.ndarray
+  lengths: np.ndarray
+  stopped: np.ndarray
+  texts: list[list[str]] | None = None
+
+  def completion(self, prompt: int, sample: int = 0) -> list[int]:
+    """The generated token ids of one (prompt, sample), stop token included."""
+    return self.tokens[prompt, sample, :self.lengths[prompt, sample]].tolist()
+
+
+def _choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+            greedy: bool, top_k: int, use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+  """(token `[b]`, its log-probability under the sampled distribution `[b]`)."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0])
+  x = logits / temperature
+  idx = None
+  if top_k > 0:
+    x, idx = jax.lax.top_k(x, top_k)
+  if use_top_p:
+    if idx is None:
+      idx = jnp.argsort(-x, axis=-1)
+      x = jnp.take_along_axis(x, idx, axis=-1)
+    probs = jax.nn.softmax(x, axis=-1)
+    # Keep a token when the mass before it is below top_p: the smallest set reaching top_p.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    x = jnp.where(keep, x, -jnp.inf)
+  choice = jax.random.categorical(key, x, axis=-1)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), choice[:, None], axis=-1)[:, 0]
+  token = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+  return token.astype(jnp.int32), logp
+
+
+def _stop_sequence_hit(out: jax.Array, t: jax.Array, stop_seqs: jax.Array) -> jax.Array:
+  """`[b]` bool: the tokens generated up to step `t` end with one of `stop_seqs`.
+
+  stop_seqs: `[n, L]` right-aligned token sequences, -1 = nothing there.
+  """
+  length = stop_seqs.shape[1]
+  idx = t - (length - 1) + jnp.arange(length)
+  window = out[:, jnp.clip(idx, 0)]  # [b, L]
+  match = (stop_seqs[None] == -1) | ((window[:, None] == stop_seqs[None]) & (idx >= 0))
+  return jnp.any(jnp.all(match, axis=-1), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "new_bucket", "greedy",
+                                             "top_k", "use_top_p", "pad_id"))
+def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, prompt_lens,
+              stop_ids, stop_seqs, key, temperature, top_p, max_new, *, num_samples,
+              new_bucket, greedy, top_k, use_top_p, pad_id):
+  """Prefill `prompts [rows, P]`, then decode up to `max_new` (<= new_bucket) tokens each."""
+  model = nnx.merge(graphdef, params)
+  rows, prompt_len = prompts.shape
+  cache = kv_lib.init_cache(model.config, rows, prompt_len + new_bucket)
+  hidden, cache = model.decode(prompts, positions, valid, cache)
+  last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)  # [rows, 1, d]
+  logits = model.logits(last)[:, 0]
+  cache = kv_lib.repeat_rows(cache._replace(index=next_slot), num_samples)
+  logits = jnp.repeat(logits, num_samples, axis=0)
+  pos = jnp.repeat(prompt_lens, num_samples, axis=0)
+  batch = rows * num_samples
+  choose = functools.partial(_choose, temperature=temperature, top_p=top_p, greedy=greedy,
+                             top_k=top_k, use_top_p=use_top_p)
+
+  def emit(t, logits, key, out, lps, slps, done, lengths):
+    token, slp = choose(logits, key)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    token = jnp.where(done, pad_id, token)
+    out = out.at[:, t].set(token)
+    lps = lps.at[:, t].set(jnp.where(done, 0.0, lp))
+    slps = slps.at[:, t].set(jnp.where(done, 0.0, slp))
+    lengths = lengths + (~done).astype(jnp.int32)
+    hit = jnp.any(token[:, None] == stop_ids[None], axis=-1)
+    if stop_seqs.shape[0]:
+      hit |= _stop_sequence_hit(out, t, stop_seqs)
+    return token, out, lps, slps, done | hit, lengths
+
+  keys = jax.random.split(key, new_bucket)
+  out = jnp.full((batch, new_bucket), pad_id, jnp.int32)
+  zeros = jnp.zeros((batch, new_bucket), jnp.float32)
+  token, out, lps, slps, done, lengths = emit(
+      0, logits, keys[0], out, zeros, zeros, jnp.zeros((batch,), jnp.bool_),
+      jnp.zeros((batch,), jnp.int32))
+
+  def cond(state):
+    t, done = state[0], state[6]
+    return (t < max_new) & ~jnp.all(done)
+
+  def body(state):
+    t, token, pos, cache, out, lps, done, lengths, slps = state
+    hidden, cache = model.decode(token[:, None], pos[:, None], jnp.ones((batch, 1), jnp.bool_),
+                                 cache)
+    logits = model.logits(hidden)[:, 0]
+    token, out, lps, slps, done, lengths = emit(t, logits, keys[t], out, lps, slps, done,
+                                                lengths)
+    return t + 1, token, pos + 1, cache, out, lps, done, lengths, slps
+
+  state = (jnp.int32(1), token, pos, cache, out, lps, done, lengths, slps)
+  _, _, _, _, out, lps, done, lengths, slps = jax.lax.while_loop(cond, body, state)
+  return out, lps, slps, lengths, done
+
+
+class Sampler:
+  """Generates from one model; compiles once per (batch, prompt, budget) bucket.
+
+  Args:
+    graphdef, params: the model (`nnx.split`); params may be sharded, they are used in place.
+    tokenizer: optional; gives `texts`, stop strings and the default eos/pad ids.
+    eos_ids: token ids that end a completion (default: the tokenizer's eos).
+    pad_id: filler for finished rows and padding (default: the tokenizer's pad, else 0).
+    prompt_buckets: allowed padded prompt lengths (default powers of two, 16 up to
+      the model's max_seq_len).
+    max_batch: rows (prompts x samples) per compiled call; more are run in chunks.
+    pad_side: 'left' (every row decodes into the same cache slot) or 'right' (each row
+      continues right after its own prompt). Outputs are the same either way.
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, tokenizer: Any = None, *,
+               eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
+               prompt_buckets: Sequence[int] | None = None, max_batch: int = 256,
+               pad_side: str = "left"):
+    if pad_side not in PAD_SIDES:
+      raise ConfigError(f"pad_side={pad_side!r}: use one of {PAD_SIDES}")
+    self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+    if eos_ids is None:
+      eos = getattr(tokenizer, "eos_id", -1) if tokenizer is not None else -1
+      eos_ids = [eos] if eos is not None and eos >= 0 else []
+    self.eos_ids = [int(i) for i in eos_ids]
+    if pad_id is None:
+      pad = getattr(tokenizer, "pad_id", -1) if tokenizer is not None else -1
+      pad_id = pad if pad is not None and pad >= 0 else 0
+    self.pad_id = int(pad_id)
+    self.prompt_buckets = tuple(sorted(prompt_buckets or [16 << i for i in range(14)]))
+    self.max_batch = max_batch
+    self.pad_side = pad_side
+
+  def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+             seed: int = 0) -> SampleOutput:
+    """Completes every prompt `num_samples` times.
+
+    Args:
+      prompts: token id lists (unpadded, any lengths).
+      temperature: 0 is greedy (then top_k/top_p do not matter).
+      top_k: 0 = no limit. top_p: 1.0 = no limit.
+      stop_ids: extra stop token ids besides `eos_ids`.
+      stop_strings: stop once the decoded completion contains one (needs a tokenizer).
+      seed: the same seed and inputs give the same samples.
+    """
+    self._check(prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_strings)
+    n = len(prompts)
+    per_call = max(1, self.max_batch // num_samples)
+    stop = np.asarray(sorted(set(self.eos_ids) | {int(i) for i in stop_ids}) or [-1], np.int32)
+    seqs = self._stop_sequences(stop_strings)
+    new_bucket = _pow2_at_least(max_new_tokens, _MIN_NEW_BUCKET)
+    greedy = temperature <= 0
+    outs = []
+    key = jax.random.key(seed)
+    for start in range(0, n, per_call):
+      chunk = [list(p) for p in prompts[start:start + per_call]]
+      arrays = self._layout(chunk, per_call)
+      res = _generate(
+          self.graphdef, self.params, *arrays, jnp.asarray(stop), jnp.asarray(seqs),
+          jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
+          jnp.float32(top_p), jnp.int32(max_new_tokens), num_samples=num_samples,
+          new_bucket=new_bucket, greedy=greedy, top_k=0 if greedy else int(top_k),
+          use_top_p=not greedy and top_p < 1.0, pad_id=self.pad_id)
+      res = jax.device_get(res)
+      keep = len(chunk) * num_samples
+      outs.append([np.asarray(r)[:keep].reshape((len(chunk), num_samples) + r.shape[1:])
+                   for r in res])
+    tokens, lps, slps, lengths, stopped = (np.concatenate([o[i] for o in outs])
+                                           for i in range(5))
+    tokens, lps, slps = (a[..., :max_new_tokens] for a in (tokens, lps, slps))
+    out = SampleOutput(tokens, lps, slps, lengths, stopped)
+    if stop_strings:
+      self._apply_stop_strings(out, stop_strings)
+    if self.tokenizer is not None:
+      stops = {int(i) for i in stop}
+      out.texts = [[self._text(out, i, j, stops, stop_strings) for j in range(num_samples)]
+                   for i in range(n)]
+    return out
+
+  def _check(self, prompts, max_new_tokens, num_samples, temperature, top_k, top_p,
+             stop_strings) -> None:
+    if not prompts:
+      raise ConfigError("sample() needs at least one prompt")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+      raise ConfigError(f"prompts {empty[:5]} are empty: start each with at least one token "
+                        "(e.g. bos)")
+    for name, value, ok in (("max_new_tokens", max_new_tokens, max_new_tokens >= 1),
+                            ("num_samples", num_samples, num_samples >= 1),
+                            ("temperature", temperature, temperature >= 0),
+                            ("top_k", top_k, top_k >= 0),
+                            ("top_p", top_p, 0 < top_p <= 1)):
+      if not ok:
+        raise ConfigError(f"sample(): {name}={value} is out of range")
+    if stop_strings and self.tokenizer is None:
+      raise ConfigError("stop_strings need a tokenizer: pass one to Sampler(...)")
+
+  def _layout(self, chunk: list[list[int]], per_call: int):
+    """Pads prompts into `[rows, bucket]` arrays on the configured side."""
+    rows = min(_pow2_at_least(len(chunk)), _pow2_at_least(per_call))
+    chunk = chunk + [chunk[0]] * (rows - len(chunk))  # filler rows: a real prompt, discarded
+    width = _bucket(max(len(p) for p in chunk), self.prompt_buckets)
+    tokens = np.full((rows, width), self.pad_id, np.int32)
+    valid = np.zeros((rows, width), np.bool_)
+    positions = np.zeros((rows, width), np.int32)
+    lens = np.asarray([len(p) for p in chunk], np.int32)
+    for i, p in enumerate(chunk):
+      cols = slice(width - len(p), width) if self.pad_side == "left" else slice(0, len(p))
+      tokens[i, cols], valid[i, cols], positions[i, cols] = p, True, np.arange(len(p))
+    if self.pad_side == "left":
+      last_idx, next_slot = np.full(rows, width - 1, np.int32), np.full(rows, width, np.int32)
+    else:
+      last_idx, next_slot = lens - 1, lens
+    return (jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(positions),
+            jnp.asarray(last_idx), jnp.asarray(next_slot), jnp.asarray(lens))
+
+  def _stop_sequences(self, stop_strings: Sequence[str]) -> np.ndarray:
+    """Token sequences of the stop strings, right-aligned `[n, L]` (-1 = none).
+
+    They end the decode loop early; the decoded-text check afterwards catches stop strings
+    that tokenize differently in context.
+    """
+    seqs = [self.tokenizer.encode(s) for s in stop_strings if s]
+    seqs = [s for s in seqs if s]
+    if not seqs:
+      return np.zeros((0, 1), np.int32)
+    width = max(len(s) for s in seqs)
+    out = np.full((len(seqs), width), -1, np.int32)
+    for i, s in enumerate(seqs):
+      out[i, width - len(s):] = s
+    return out
+
+  def _apply_stop_strings(self, out: SampleOutput, stop_strings: Sequence[str]) -> None:
+    """Cuts each completion after the first token whose text completes a stop string."""
+    for i in range(out.tokens.shape[0]):
+      for j in range(out.tokens.shape[1]):
+        ids = out.tokens[i, j, :out.lengths[i, j]].tolist()
+        if not any(s in self.tokenizer.decode(ids) for s in stop_strings):
+          continue
+        lo, hi = 1, len(ids)  # the shortest prefix containing a stop string
+        while lo < hi:
+          mid = (lo + hi) // 2
+          if any(s in self.tokenizer.decode(ids[:mid]) for s in stop_strings):
+            hi = mid
+          else:
+            lo = mid + 1
+        out.tokens[i, j, lo:] = self.pad_id
+        out.logprobs[i, j, lo:] = 0.0
+        out.sampling_logprobs[i, j, lo:] = 0.0
+        out.lengths[i, j], out.stopped[i, j] = lo, True
+
+  def _text(self, out: SampleOutput, i: int, j: int, stop_ids: set[int],
+            stop_strings: Sequence[str]) -> str:
+    ids = out.completion(i, j)
+    if out.stopped[i, j] and ids and ids[-1] in stop_ids:
+      ids = ids[:-1]
+    text = self.tokenizer.decode(ids)
+    for s in stop_strings:
+      if s and s in text:
+        text = text[:text.index(s)]
+    return text

@@ -1,0 +1,126 @@
+"""Stage `sft`: supervised fine-tuning on instructions, loss on assistant tokens only.
+
+Starts from the previous stage's parameters (`pipeline.stages = ['pretrain', 'sft']`) or from
+`init_from` (a run or an `llmjax-import` of an HF model). Conversations are rendered with a
+chat template (`sft.chat_template`), packed whole, and trained with the ordinary next-token
+loss, which `loss_mask` restricts to the replies. Every evaluation also generates greedy
+answers to held-out questions and logs their exact-match accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import gin
+import jax
+from absl import logging
+from flax import nnx
+
+from llmjax import metrics as metrics_lib
+from llmjax.data import chat, instructions
+from llmjax.errors import ConfigError
+from llmjax.model.config import ModelConfig
+from llmjax.sample.sampler import Sampler
+from llmjax.stages.context import RunContext, TokenizerConfig
+from llmjax.train import loop
+from llmjax.train.losses import lm_loss
+from llmjax.train.optimizer import OptimizerConfig
+
+
+def exact_match(graphdef: nnx.GraphDef, params: Any, tokenizer: Any, template: str,
+                items: Sequence[dict[str, Any]], max_new_tokens: int = 16,
+                max_batch: int = 256) -> dict[str, float]:
+  """Greedy-answers each `{messages, answer}` item; the fraction answered exactly.
+
+  Answers compare after `instructions.normalize_answer` (case, spaces, a final period).
+  """
+  if not items:
+    return {}
+  sampler = Sampler(graphdef, params, tokenizer, eos_ids=chat.stop_token_ids(tokenizer, template),
+                    max_batch=max_batch)
+  prompts = [chat.prompt_ids(it["messages"], template, tokenizer) for it in items]
+  out = sampler.sample(prompts, max_new_tokens=max_new_tokens)
+  hits = [instructions.normalize_answer(out.texts[i][0]) ==
+          instructions.normalize_answer(it["answer"]) for i, it in enumerate(items)]
+  return {"exact_match": sum(hits) / len(hits), "exact_match_n": len(hits)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT:
+  name = "sft"
+  model: ModelConfig
+  data: instructions.SFTDataConfig
+  train: loop.TrainConfig
+  optimizer: OptimizerConfig
+  tokenizer: TokenizerConfig
+  chat_template: str = "chatml"
+  init_from: str | None = None
+  eval_questions: int = 200  # held-out questions answered per evaluation (0: none)
+  eval_max_new_tokens: int = 16
+
+  def run(self, ctx: RunContext) -> loop.TrainResult:
+    chat.get_template(self.chat_template)  # a bad name fails before any data is read
+    ctx.start_from(self.init_from, self.model)
+    train_convs, eval_convs, skipped = instructions.conversations(self.data)
+    tokenizer = self._tokenizer(ctx, train_convs)
+    seq, rule = self.data.seq_len, self.data.overlong
+    train_ex, train_stats = instructions.tokenize_conversations(
+        train_convs, tokenizer, self.chat_template, seq, rule)
+    eval_ex, eval_stats = instructions.tokenize_conversations(
+        eval_convs, tokenizer, self.chat_template, seq, rule)
+    counts = {**train_stats.as_dict("train_"), **eval_stats.as_dict("eval_"),
+              "skipped_lines": skipped}
+    logging.info("sft data (%s, overlong=%s): %s", self.chat_template, rule, counts)
+    pid, nproc = jax.process_index(), jax.process_count()
+    train_ds = instructions.train_batches(train_ex, self.data, pid, nproc)
+    eval_data = instructions.eval_batches(eval_ex, self.data, pid, nproc)
+    items = instructions.reference_items(eval_convs)[:self.eval_questions]
+
+    def extra_eval(graphdef, params, step):
+      del step
+      return exact_match(graphdef, params, tokenizer, self.chat_template, items,
+                         self.eval_max_new_tokens)
+
+    writer = metrics_lib.MetricsWriter(ctx.workdir, self.name, self.train.total_steps,
+                                       enabled=ctx.is_chief)
+    try:
+      writer.write(0, counts, kind="data")
+      meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": self.chat_template,
+              "chat_template": chat.chat_template_jinja(self.chat_template)}
+      return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
+                        loss_fn=lm_loss, train_data=train_ds, eval_data=eval_data,
+                        train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
+                        initial_params=ctx.params, meta=meta, stop_after=ctx.stop_after,
+                        extra_eval=extra_eval if items else None)
+    finally:
+      writer.close()
+
+  def _tokenizer(self, ctx: RunContext, convs: list) -> Any:
+    if ctx.tokenizer is None and ctx.params is not None and not self.tokenizer.path:
+      raise ConfigError("sft starts from parameters without a tokenizer: set "
+                        "TokenizerConfig.path to the tokenizer the model was trained with")
+    texts = [chat.render_text(c, self.chat_template) for c in convs]
+    tokenizer = ctx.ensure_tokenizer(self.tokenizer, texts, self.model)
+    chat.stop_token_ids(tokenizer, self.chat_template)  # ConfigError if it lacks the tokens
+    return tokenizer
+
+
+@gin.configurable("sft")
+def sft_stage(model: ModelConfig = gin.REQUIRED,
+              data: instructions.SFTDataConfig = gin.REQUIRED,
+              train: loop.TrainConfig = gin.REQUIRED,
+              optimizer: OptimizerConfig = OptimizerConfig(),
+              tokenizer: TokenizerConfig = TokenizerConfig(),
+              chat_template: str = "chatml",
+              init_from: str | None = None,
+              eval_questions: int = 200,
+              eval_max_new_tokens: int = 16) -> SFT:
+  """The SFT stage as configured in gin (`sft.data = @SFTDataConfig()`, ...).
+
+  `chat_template`: 'chatml' (Qwen) or 'llama3'. `init_from`: a workdir (a run, or an
+  `llmjax-import` output) to start from when no earlier stage of this run produced parameters.
+  """
+  chat.get_template(chat_template)
+  return SFT(model, data, train, optimizer, tokenizer, chat_template, init_from,
+             eval_questions, eval_max_new_tokens)

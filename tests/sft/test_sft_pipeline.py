@@ -1,0 +1,69 @@
+"""The tiny pipeline end to end: pretrain, then SFT, and held-out exact match before/after."""
+
+import dataclasses
+import time
+
+import pytest
+
+from llmjax.checkpoint import load_run
+from llmjax.data import instructions
+from llmjax.metrics import read_metrics
+from llmjax.stages import RunContext, run_stages
+from llmjax.stages.context import TokenizerConfig
+from llmjax.stages.pretrain import Pretrain
+from llmjax.stages.sft import SFT, exact_match
+from llmjax.data import pipeline
+from llmjax.train import loop
+from llmjax.train.optimizer import OptimizerConfig
+
+from tests.conftest import TEST_MODEL
+
+PRETRAIN_STEPS, SFT_STEPS = 200, 150
+HELD_OUT = 300  # the whole default eval split: held-out phrasings and arithmetic
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tokenizer_path):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
+  tok = TokenizerConfig(path=tokenizer_path)
+  pre = Pretrain(
+      model=TEST_MODEL, data=pipeline.DataConfig(seq_len=128, batch_size=16, eval_batches=1),
+      train=loop.TrainConfig(total_steps=PRETRAIN_STEPS, log_every=50,
+                             eval_every=PRETRAIN_STEPS, checkpoint_every=PRETRAIN_STEPS),
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.1),
+      tokenizer=tok)
+  sft = SFT(
+      model=TEST_MODEL,
+      data=instructions.SFTDataConfig(seq_len=128, batch_size=16, builtin_train=800,
+                                      builtin_eval=HELD_OUT, eval_batches=1),
+      train=loop.TrainConfig(total_steps=SFT_STEPS, log_every=50, eval_every=SFT_STEPS,
+                             checkpoint_every=SFT_STEPS),
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0),
+      tokenizer=tok, eval_questions=HELD_OUT)
+  t0 = time.time()
+  run_stages([pre, sft], RunContext(workdir=workdir))
+  print(f"pipeline: {time.time() - t0:.0f}s")
+  return workdir
+
+
+def test_sft_raises_held_out_exact_match(pipeline_run, tokenizer):
+  items = instructions.reference_items(instructions.builtin_conversations("eval", HELD_OUT))
+  pre = load_run(pipeline_run, "pretrain")
+  before = exact_match(pre.graphdef, pre.params, tokenizer, "chatml", items)["exact_match"]
+  evals = [r for r in read_metrics(pipeline_run) if r["stage"] == "sft" and r["kind"] == "eval"]
+  after = evals[-1]["exact_match"]
+  print(f"held-out exact match: pretrained {before:.3f}, after SFT {after:.3f}")
+  # Measured: pretrained 0.008, after SFT ~0.10 for this 90-second CPU budget (d_model 64,
+  # 200 + 150 steps). The pretrained model does not answer at all; the SFT model answers in
+  # format and gets a sixth of the held-out fact questions (new phrasings) right. The full
+  # tiny pipeline (experiments/tiny/pipeline.gin) reaches 0.175; see docs/sft_and_sampling.md.
+  assert before <= 0.03
+  assert after >= before + 0.06
+
+
+def test_sft_checkpoint_records_the_chat_template(pipeline_run):
+  run = load_run(pipeline_run)
+  assert run.stage == "sft" and run.meta["chat_template_name"] == "chatml"
+  assert "<|im_start|>" in run.meta["chat_template"]
+  data = [r for r in read_metrics(pipeline_run) if r["stage"] == "sft" and r["kind"] == "data"]
+  assert data[0]["train_examples"] > 0 and data[0]["train_dropped_overlong"] == 0
