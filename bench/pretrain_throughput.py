@@ -7,7 +7,6 @@ Batches are random tokens packed as two documents per row, so the data pipeline 
 measured; the numbers are steady-state (the compile and one warm-up step are excluded).
 """
 
-import dataclasses
 import time
 
 import jax

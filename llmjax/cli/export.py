@@ -8,11 +8,9 @@ The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer`
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from llmjax.errors import LlmjaxError
+from llmjax.cli import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's (or an llmjax-import's) directory.")
@@ -31,17 +29,13 @@ def main(argv):
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
   from llmjax.hf.export import export_run
-  try:
-    out = export_run(FLAGS.workdir, FLAGS.output, FLAGS.stage, FLAGS.step, FLAGS.dtype,
-                     FLAGS.max_shard_size, FLAGS.overwrite)
-  except LlmjaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  out = export_run(FLAGS.workdir, FLAGS.output, FLAGS.stage, FLAGS.step, FLAGS.dtype,
+                   FLAGS.max_shard_size, FLAGS.overwrite)
   print(out)
 
 
 def run_main():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from absl import app, flags
 
+from llmjax.cli import common
 from llmjax.errors import LlmjaxError
 
 FLAGS = flags.FLAGS
@@ -69,37 +70,33 @@ def main(argv):
   from llmjax.checkpoint import load_run
   from llmjax.data import chat
   from llmjax.sample.sampler import Sampler
-  try:
-    run = load_run(FLAGS.workdir, FLAGS.stage, FLAGS.step)
-    tokenizer = run.tokenizer
-    if tokenizer is None:
-      raise LlmjaxError(f"{FLAGS.workdir} has no tokenizer: re-import with its tokenizer")
-    print(f"# {run.stage} checkpoint, step {run.step}", file=sys.stderr)
-    if FLAGS.chat:
-      template = FLAGS.chat_template or run.meta.get("chat_template_name")
-      if not template:
-        raise LlmjaxError(f"the {run.stage} checkpoint records no chat template (it is not "
-                          "an SFT checkpoint): pass --chat_template=chatml or llama3")
-      sampler = Sampler(run.graphdef, run.params, tokenizer,
-                        eos_ids=chat.stop_token_ids(tokenizer, template))
-      if sys.stdin.isatty():
-        print(f"# chat ({template}); an empty line ends, /reset clears", file=sys.stderr)
-      chat_loop(sampler, tokenizer, template, sys.stdin, sys.stdout, FLAGS.system,
-                **_sample_kwargs())
-      return
-    sampler = Sampler(run.graphdef, run.params, tokenizer)
-    prompts = [tokenizer.encode(p, add_bos=True) for p in FLAGS.prompt]
-    out = sampler.sample(prompts, num_samples=FLAGS.num_samples, **_sample_kwargs())
-  except LlmjaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run = load_run(FLAGS.workdir, FLAGS.stage, FLAGS.step)
+  tokenizer = run.tokenizer
+  if tokenizer is None:
+    raise LlmjaxError(f"{FLAGS.workdir} has no tokenizer: re-import with its tokenizer")
+  print(f"# {run.stage} checkpoint, step {run.step}", file=sys.stderr)
+  if FLAGS.chat:
+    template = FLAGS.chat_template or run.meta.get("chat_template_name")
+    if not template:
+      raise LlmjaxError(f"the {run.stage} checkpoint records no chat template (it is not "
+                        "an SFT checkpoint): pass --chat_template=chatml or llama3")
+    sampler = Sampler(run.graphdef, run.params, tokenizer,
+                      eos_ids=chat.stop_token_ids(tokenizer, template))
+    if sys.stdin.isatty():
+      print(f"# chat ({template}); an empty line ends, /reset clears", file=sys.stderr)
+    chat_loop(sampler, tokenizer, template, sys.stdin, sys.stdout, FLAGS.system,
+              **_sample_kwargs())
+    return
+  sampler = Sampler(run.graphdef, run.params, tokenizer)
+  prompts = [tokenizer.encode(p, add_bos=True) for p in FLAGS.prompt]
+  out = sampler.sample(prompts, num_samples=FLAGS.num_samples, **_sample_kwargs())
   for prompt, texts in zip(FLAGS.prompt, out.texts):
     for text in texts:
       print(f"{prompt}{text}")
 
 
 def run_main():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,9 @@ The result works with `llmjax-generate --workdir=`, `llmjax-export --workdir=` a
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from llmjax.errors import LlmjaxError
+from llmjax.cli import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf", None, "Folder with config.json and *.safetensors (+ tokenizer).")
@@ -27,16 +25,12 @@ def main(argv):
   if not FLAGS.hf or not FLAGS.output:
     raise app.UsageError("--hf and --output are required")
   from llmjax.hf.import_ import import_hf
-  try:
-    out = import_hf(FLAGS.hf, FLAGS.output, FLAGS.dtype, FLAGS.overwrite)
-  except LlmjaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  out = import_hf(FLAGS.hf, FLAGS.output, FLAGS.dtype, FLAGS.overwrite)
   print(out)
 
 
 def run_main():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

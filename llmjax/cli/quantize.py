@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import gin
 from absl import app, flags
 
-from llmjax.errors import ConfigError, LlmjaxError
+from llmjax.cli import common
+from llmjax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's (or an llmjax-import's) directory.")
@@ -83,19 +83,15 @@ def main(argv):
   if os.path.abspath(FLAGS.workdir) == os.path.abspath(FLAGS.output):
     raise app.UsageError("--output must differ from --workdir")
   from llmjax.model.quant_run import quantize_run
-  try:
-    cfg = quant_config_from_flags()
-    report = quantize_run(FLAGS.workdir, FLAGS.output, cfg, stage=FLAGS.stage,
-                          step=FLAGS.step, eval_data=eval_data_from_flags(),
-                          overwrite=FLAGS.overwrite)
-  except LlmjaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cfg = quant_config_from_flags()
+  report = quantize_run(FLAGS.workdir, FLAGS.output, cfg, stage=FLAGS.stage,
+                        step=FLAGS.step, eval_data=eval_data_from_flags(),
+                        overwrite=FLAGS.overwrite)
   print(json.dumps(report, indent=2))
 
 
 def run_main():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
+from llmjax.cli import common
 from llmjax.data import sources, synthetic, tokenizer
-from llmjax.errors import ConfigError, LlmjaxError
+from llmjax.errors import ConfigError
 
 _INPUT = flags.DEFINE_multi_string("input", [], "Input files or glob patterns.")
 _FORMAT = flags.DEFINE_enum(
@@ -75,18 +75,14 @@ def _source():
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    if not _OUTPUT.value:
-      raise ConfigError("--output is required: where to write the tokenizer .model file")
-    source, what = _source()
-    print(f"training a {_MODEL_TYPE.value} tokenizer on {len(source)} documents from {what}")
-    tok = tokenizer.train_tokenizer(
-        sources.iter_texts(source), _OUTPUT.value, vocab_size=_VOCAB_SIZE.value,
-        model_type=_MODEL_TYPE.value, byte_fallback=_BYTE_FALLBACK.value,
-        max_sentences=_MAX_SENTENCES.value)
-  except LlmjaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if not _OUTPUT.value:
+    raise ConfigError("--output is required: where to write the tokenizer .model file")
+  source, what = _source()
+  print(f"training a {_MODEL_TYPE.value} tokenizer on {len(source)} documents from {what}")
+  tok = tokenizer.train_tokenizer(
+      sources.iter_texts(source), _OUTPUT.value, vocab_size=_VOCAB_SIZE.value,
+      model_type=_MODEL_TYPE.value, byte_fallback=_BYTE_FALLBACK.value,
+      max_sentences=_MAX_SENTENCES.value)
   sample = source[0][:80] if _INPUT.value else synthetic.pretraining_documents("eval", 1)[0]
   ids = tok.encode(sample)
   print(f"vocab_size: {tok.vocab_size}")
@@ -97,7 +93,7 @@ def main(argv: list[str]) -> None:
 
 
 def run_main() -> None:
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import sys
 import gin
 from absl import app, flags, logging
 
-from llmjax.cli import gin_flags
-from llmjax.errors import ConfigError, LlmjaxError
+from llmjax.cli import common, gin_flags
+from llmjax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, tokenizer.")
@@ -64,23 +64,19 @@ def main(argv):
   from llmjax.parallel import distributed, mesh as mesh_lib
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          auto=FLAGS.jax_distributed)
-  try:
-    configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
-    mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files
-    mesh = mesh_lib.make_mesh(mesh_cfg)
-    names = [s.name for s in configured]
-    logging.info("Running stages %s in %s on mesh %s", names, FLAGS.workdir, dict(mesh.shape))
-    ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps,
-                            mesh=mesh, rules=mesh_cfg.rules)
-    stages.run_stages(configured, ctx)
-  except LlmjaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+  mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  names = [s.name for s in configured]
+  logging.info("Running stages %s in %s on mesh %s", names, FLAGS.workdir, dict(mesh.shape))
+  ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps,
+                          mesh=mesh, rules=mesh_cfg.rules)
+  stages.run_stages(configured, ctx)
   print(f"done: results in {os.path.abspath(FLAGS.workdir)}", file=sys.stderr)
 
 
 def run_main():
-  app.run(main, argv=gin_flags.argv_with_gin_shorthand())
+  common.run(main, argv=gin_flags.argv_with_gin_shorthand())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import gin
 import jax

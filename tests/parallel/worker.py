@@ -7,7 +7,6 @@ because the device count is fixed when jax starts).
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
