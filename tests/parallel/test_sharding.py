@@ -105,3 +105,11 @@ def test_checkpoint_restores_on_another_process_count_and_mesh(two_process_run):
   for a, b in zip(restored, saved):
     np.testing.assert_array_equal(a, b)  # resharding moves bytes, never changes them
   assert any("tensor" in s for s in info["specs"]) and not any("fsdp" in s for s in info["specs"])
+
+
+def test_sampler_on_a_sharded_model_matches_one_device():
+  out = finish(worker("sample", "--mesh=1,2,4", "--devices=8"))
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r["generated"] > 0 and r["tokens_equal"]
+  assert r["logprob_max_diff"] < 1e-4
+  assert r["sharded"] == "P('fsdp', 'tensor', None)"

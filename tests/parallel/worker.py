@@ -143,9 +143,35 @@ def restore(args):
           "specs": [str(x.sharding.spec) for x in leaves]}
 
 
+def sample(args):
+  """Greedy generation with tensor/FSDP-sharded parameters vs the same on one device."""
+  import jax
+  from flax import nnx
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.sample.sampler import Sampler
+
+  cfg = model_cfg()
+  graphdef, params = nnx.split(build_model(cfg, seed=3))
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(4, cfg.vocab_size, n).tolist() for n in (5, 11, 3, 8)]
+  kwargs = dict(max_new_tokens=12, num_samples=2, temperature=0.0)
+  single = Sampler(graphdef, jax.device_put(params, jax.devices()[0]), eos_ids=[3], pad_id=0)
+  expected = single.sample(prompts, **kwargs)
+  mesh = mesh_of(args.mesh)
+  abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=3)))[1]
+  shardings = mesh_lib.param_shardings(abstract, mesh, mesh_lib.RULE_SETS["fsdp_tensor"])
+  sharded = jax.jit(lambda p: p, out_shardings=shardings)(params)
+  got = Sampler(graphdef, sharded, eos_ids=[3], pad_id=0).sample(prompts, **kwargs)
+  return {"tokens_equal": bool((got.tokens == expected.tokens).all()),
+          "logprob_max_diff": float(np.abs(got.logprobs - expected.logprobs).max()),
+          "sharded": str(sharded["layers"][0]["attn"]["q_proj"].sharding.spec),
+          "generated": int(expected.lengths.sum())}
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["meshes", "train", "restore"])
+  parser.add_argument("mode", choices=["meshes", "train", "restore", "sample"])
   parser.add_argument("--mesh", default="1,1,1")
   parser.add_argument("--workdir")
   parser.add_argument("--out")
@@ -159,8 +185,9 @@ def main():
   from llmjax.parallel import distributed
   if args.coordinator:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  result = {"meshes": meshes, "train": train, "restore": restore}[args.mode](args)
-  if args.mode == "meshes":
+  result = {"meshes": meshes, "train": train, "restore": restore,
+            "sample": sample}[args.mode](args)
+  if args.mode in ("meshes", "sample"):
     print(json.dumps(result))
   elif args.out and (args.process_id or 0) == 0:
     np.savez(args.out, *result.pop("params"))
