@@ -181,6 +181,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
       x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the enclosing `activation_sharding`, if any."""
+  return getattr(_active, "value", None)
+
+
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """This process's rows -> global arrays whose rows are split over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -27,6 +27,46 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array,
+                                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`token_cross_entropy` over logits whose vocab dimension is split on the `tensor` axis.
+
+  Written per device with `shard_map`: each device reduces its own slice of the vocab and
+  only `[batch, seq]` statistics cross devices (max, sum of exponentials, the target's
+  logit), so the `[batch, seq, vocab]` logits are never gathered. Falls back to the plain
+  loss outside a mesh or when the vocab is not split.
+  """
+  from jax.sharding import PartitionSpec as P
+  from llmjax.parallel import mesh as mesh_lib
+
+  active = mesh_lib.active_mesh()
+  if active is None:
+    return token_cross_entropy(logits, targets, weights)
+  mesh, rules = active
+  logits_spec = mesh_lib.logical_to_spec(("batch", None, "vocab"), logits.shape, mesh, rules)
+  if logits_spec[2] != "tensor":
+    return token_cross_entropy(logits, targets, weights)
+  row_spec = P(logits_spec[0], None)
+  batch_axes = tuple(a for a in mesh.axis_names if a != "tensor")
+
+  def per_device(lg, t, w):
+    lg = lg.astype(jnp.float32)
+    local_vocab = lg.shape[-1]
+    local_t = t - jax.lax.axis_index("tensor") * local_vocab
+    here = (local_t >= 0) & (local_t < local_vocab)
+    # The max only stabilizes the exponentials; it cancels out of the loss and its gradient.
+    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(lg, axis=-1)), "tensor")
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(lg - m[..., None]), axis=-1), "tensor")
+    picked = jnp.take_along_axis(lg, jnp.clip(local_t, 0, local_vocab - 1)[..., None], -1)[..., 0]
+    target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), "tensor")
+    losses = jnp.log(sum_exp) + m - target_logit
+    return (jax.lax.psum(jnp.sum(losses * w), batch_axes),
+            jax.lax.psum(jnp.sum(w), batch_axes))
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(logits_spec, row_spec, row_spec),
+                       out_specs=(P(), P()), check_vma=False)(logits, targets, weights)
+
+
 def lm_loss(model, batch: dict[str, jax.Array],
             chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """Next-token loss of `model` on a packed batch: (loss sum, target count).
@@ -38,7 +78,7 @@ def lm_loss(model, batch: dict[str, jax.Array],
   weights = target_weights(batch)
   if not chunk_size:
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return token_cross_entropy(logits, batch["targets"], weights)
+    return vocab_parallel_cross_entropy(logits, batch["targets"], weights)
   hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
   b, s, d = hidden.shape
   if s % chunk_size:

@@ -81,7 +81,9 @@ def meshes(_):
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
     layer = sharded_params["layers"][0]
+    jaxpr = str(jax.make_jaxpr(fn)(sharded_params, batch))
     results[shape] = {
+        "vocab_parallel_loss": "shard_map" in jaxpr,
         "loss": float(loss), "ref_loss": float(ref_loss), "grad_max_abs_diff": diff,
         "grad_max_abs": max(float(np.abs(np.asarray(g)).max())
                             for g in jax.tree.leaves(ref_grads)),
