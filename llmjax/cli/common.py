@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from typing import Callable, Sequence
 
-from absl import app
+from absl import app, logging
 
 from llmjax.errors import LlmjaxError
 
@@ -17,9 +18,19 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
   that. Any other exception is a bug and keeps its traceback.
   """
   def guarded(args):
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     try:
       main(args)
     except LlmjaxError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   app.run(guarded, argv=list(argv) if argv is not None else None)
+
+
+# Orbax and grain log every save and iterator step at INFO; that drowns the progress line.
+_CHATTY = ("/orbax/", "/grain/", "xla_bridge.py")
+
+
+def _quiet_libraries(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.WARNING or not any(
+      part in record.pathname for part in _CHATTY)
