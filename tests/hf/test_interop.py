@@ -22,7 +22,7 @@ from llmjax.errors import CheckpointError, ConfigError
 from llmjax.hf import convert, export, import_
 from llmjax.model.config import ModelConfig, RopeScaling
 from llmjax.model.transformer import build_model
-from llmjax.sample.simple import generate
+from llmjax.sample.sampler import Sampler
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,7 +138,8 @@ def test_greedy_generation_matches(imported):
     with torch.no_grad():
       hf = model.generate(torch.as_tensor(prompt), max_new_tokens=16, do_sample=False,
                           attention_mask=torch.ones_like(torch.as_tensor(prompt)))
-    ours = generate(run.graphdef, run.params, prompt[0].tolist(), 16)
+    ours = Sampler(run.graphdef, run.params, eos_ids=[]).sample(
+        [prompt[0].tolist()], max_new_tokens=16).completion(0)
     assert hf[0, 8:].tolist() == ours
 
 
