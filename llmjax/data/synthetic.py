@@ -41,33 +41,46 @@ _VALUES = {"city": CITIES, "colour": COLOURS, "pet": PETS, "age": AGES, "job": J
 MAX_OPERAND = 20
 OPS = ("+", "-", "*")
 
-# Several phrasings per fact, so the model has to learn the fact, not one sentence.
+# Several phrasings per fact, so the model has to learn the fact, not one sentence. They use
+# the words of the held-out questions too ("is from", "prefers", "keeps", "occupation"): a
+# held-out phrasing is new as a question, but its words must mean something to the model.
 _STATEMENTS = {
     "city": ("{name} lives in {v}.", "{name}'s home is in {v}.",
-             "The city where {name} lives is {v}.", "{name} is a resident of {v}."),
+             "The city where {name} lives is {v}.", "{name} is a resident of {v}.",
+             "{name} is from {v}.", "{name} comes from the city of {v}."),
     "colour": ("{name}'s favourite colour is {v}.", "{name} likes {v} more than any other colour.",
-               "The favourite colour of {name} is {v}.", "Of all colours, {name} prefers {v}."),
+               "The favourite colour of {name} is {v}.", "Of all colours, {name} prefers {v}.",
+               "{name} prefers the colour {v}."),
     "pet": ("{name} has {v}.", "{name} owns {v} as a pet.", "The pet of {name} is {v}.",
-            "{name} takes care of {v} at home."),
+            "{name} takes care of {v} at home.", "{name} keeps {v} as a pet.",
+            "{name} keeps {v} at home."),
     "age": ("{name} is {v} years old.", "The age of {name} is {v}.",
             "{name} turned {v} this year.", "{name}'s age is {v}."),
     "job": ("{name} works as {v}.", "By profession, {name} is {v}.",
-            "{name} earns a living as {v}.", "The job of {name}: {v}."),
+            "{name} earns a living as {v}.", "The job of {name}: {v}.",
+            "The occupation of {name} is {v}.", "{name}'s occupation: {v}."),
 }
 _ARITH_STATEMENTS = {
     "+": ("{a} + {b} = {c}.", "{a} plus {b} equals {c}.", "The sum of {a} and {b} is {c}."),
     "-": ("{a} - {b} = {c}.", "{a} minus {b} equals {c}.", "Taking {b} from {a} leaves {c}."),
     "*": ("{a} * {b} = {c}.", "{a} times {b} equals {c}.", "The product of {a} and {b} is {c}."),
 }
-# Questions: the eval split asks with phrasings never used in train.
+# Questions: the eval split asks with phrasings never used in train. Train has several per
+# attribute, in shapes shared across attributes ("What is {name}'s ...?", "What is the ... of
+# {name}?"), so SFT teaches the model to read which attribute is asked, not to key on one
+# sentence shape; the eval then swaps in a word or shape train never asks with.
 _QUESTIONS = {
     "train": {
-        "city": ("Where does {name} live?", "In which city does {name} live?"),
-        "colour": ("What is {name}'s favourite colour?", "Which colour does {name} like best?"),
-        "pet": ("What pet does {name} have?", "Which animal does {name} own?"),
-        "age": ("How old is {name}?", "What is {name}'s age?"),
-        "job": ("What does {name} do for a living?", "What is {name}'s job?"),
-        "arith": ("What is {a} {op} {b}?", "Compute {a} {op} {b}."),
+        "city": ("Where does {name} live?", "In which city does {name} live?",
+                 "Which city is {name}'s home?", "What is the home city of {name}?"),
+        "colour": ("What is {name}'s favourite colour?", "Which colour does {name} like best?",
+                   "What is the favourite colour of {name}?"),
+        "pet": ("What pet does {name} have?", "Which animal does {name} own?",
+                "What is the pet of {name}?", "What animal does {name} take care of?"),
+        "age": ("How old is {name}?", "What is {name}'s age?", "What is the age of {name}?"),
+        "job": ("What does {name} do for a living?", "What is {name}'s job?",
+                "What is the job of {name}?", "What work does {name} do?"),
+        "arith": ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}."),
     },
     "eval": {
         "city": ("What city is {name} from?",),
@@ -78,6 +91,13 @@ _QUESTIONS = {
         "arith": ("How much is {a} {op} {b}?",),
     },
 }
+# Fractions of documents that are FAQ-style questions about a person, a profile of one person
+# and facts about several people; the rest (a quarter) is arithmetic. Its ~1100 facts get
+# fewer repetitions each than the 240 facts about people: a larger share taught them faster
+# (held-out completion 0.1 -> 0.4 at 300 steps with half the documents), but digits are one
+# token each, and more arithmetic pushes the corpus past half a token per character.
+# experiments/tiny/pipeline.gin pretrains longer instead.
+_DOC_MIX = (0.1, 0.45, 0.2)
 _SPLIT_IDS = {"train": 0, "eval": 1}
 _DEFAULT_DOCS = {"train": 20_000, "eval": 500}
 _DEFAULT_QA = {"train": 2_000, "eval": 300}
@@ -163,11 +183,22 @@ def _arith_sentence(rng, world: World) -> str:
   return template.format(a=a, b=b, c=c)
 
 
+def _qa_sentences(rng, person: Person, count: int) -> list[str]:
+  # FAQ-style text, as on the web: questions in the *train* phrasings only, so the held-out
+  # phrasings stay unseen until the eval.
+  attrs = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))[:count]]
+  return [f"Q: {_pick(rng, _QUESTIONS['train'][a]).format(name=person.name)} "
+          f"A: {person.value(a)}." for a in attrs]
+
+
 def _document(rng, world: World) -> str:
   kind = rng.random()
-  if kind < 0.55:  # a profile of one person
+  faq, profile, several = _DOC_MIX
+  if kind < faq:  # questions and answers about one person
+    sents = _qa_sentences(rng, _pick(rng, world.people), int(rng.integers(2, 5)))
+  elif kind < faq + profile:  # a profile of one person
     sents = _person_sentences(rng, _pick(rng, world.people), int(rng.integers(2, 6)))
-  elif kind < 0.75:  # facts about several people, interleaved
+  elif kind < faq + profile + several:  # facts about several people, interleaved
     sents = []
     for _ in range(int(rng.integers(2, 4))):
       sents += _person_sentences(rng, _pick(rng, world.people), int(rng.integers(1, 3)))

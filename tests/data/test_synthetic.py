@@ -30,9 +30,9 @@ def test_golden_values():
   assert world.person("Alice") == synthetic.Person(
       name="Alice", city="Oslo", colour="yellow", pet="an iguana", age=60, job="a nurse")
   assert synthetic.pretraining_documents("train", 2) == [
-      "The job of Bob: a nurse. Bob's favourite colour is black. Bob lives in Madrid.",
-      "By profession, Irene is a nurse. Of all colours, Irene prefers white. Irene takes care "
-      "of a dog at home."]
+      "Bob's occupation: a nurse. Bob's favourite colour is black. Bob lives in Madrid.",
+      "Irene earns a living as a nurse. Of all colours, Irene prefers white. Irene keeps a dog "
+      "at home."]
   assert synthetic.arithmetic_problems("eval", 2) == [
       {"question": "What is 11 + 15?", "answer": 26},
       {"question": "What is 13 + 12?", "answer": 25}]
@@ -71,7 +71,21 @@ def test_documents_state_true_facts():
       assert world.person(name).city == city
     for name, age in re.findall(r"(\w+) is (\d+) years old\.", doc):
       assert world.person(name).age == int(age)
+    for name, job in re.findall(r"The occupation of (\w+) is ([\w ]+)\.", doc):
+      assert world.person(name).job == job
   assert n_arith > 500
+
+
+def test_faq_sentences_are_true_and_use_train_phrasings_only():
+  world = synthetic.build_world()
+  truth = {q.format(name=p.name): p.value(a) for p in world.people
+           for a in synthetic.ATTRIBUTES for q in synthetic._QUESTIONS["train"][a]}
+  n = 0
+  for doc in synthetic.pretraining_documents("train", 2000):
+    for question, answer in re.findall(r"Q: ([^?]+\?) A: ([^.]+)\.", doc):
+      assert truth.get(question) == answer, (question, answer)  # unknown phrasing -> None
+      n += 1
+  assert n > 100
 
 
 def test_qa_pairs_are_true_and_eval_phrasing_is_held_out():

@@ -53,12 +53,17 @@ def test_sft_raises_held_out_exact_match(pipeline_run, tokenizer):
   evals = [r for r in read_metrics(pipeline_run) if r["stage"] == "sft" and r["kind"] == "eval"]
   after = evals[-1]["exact_match"]
   print(f"held-out exact match: pretrained {before:.3f}, after SFT {after:.3f}")
-  # Measured: pretrained 0.008, after SFT ~0.10 for this 90-second CPU budget (d_model 64,
-  # 200 + 150 steps). The pretrained model does not answer at all; the SFT model answers in
-  # format and gets a sixth of the held-out fact questions (new phrasings) right. The full
-  # tiny pipeline (experiments/tiny/pipeline.gin) reaches 0.175; see docs/sft_and_sampling.md.
+  # Measured (2 CPU cores, ~50 s for both stages): pretrained 0.000, after SFT 0.260 for this
+  # budget (d_model 64, 200 + 150 steps). The pretrained model does not answer at all; the SFT
+  # model answers in format and gets a quarter of the held-out questions (new phrasings,
+  # unseen arithmetic problems) right. The bound 0.15 sits 0.1 below that, room for numeric
+  # drift across CPUs and library versions (a nearby setting, SFT lr 2e-3 with 2000
+  # questions, gave 0.17), yet above the 0.10 this fixture measured before the world's
+  # statements, FAQ text and question phrasings were fixed, so that regression fails. The
+  # full tiny pipeline (experiments/tiny/pipeline.gin) reaches ~0.7; see
+  # docs/sft_and_sampling.md.
   assert before <= 0.03
-  assert after >= before + 0.06
+  assert after >= 0.15
 
 
 def test_sft_checkpoint_records_the_chat_template(pipeline_run):
