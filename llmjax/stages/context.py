@@ -44,6 +44,11 @@ class RunContext:
   mesh: Any = None  # jax.sharding.Mesh over all devices; None: data parallel over all
   rules: str | None = None  # name of the logical-axis rule set (llmjax.parallel.mesh)
 
+  def loop_kwargs(self) -> dict[str, Any]:
+    """What every stage passes to `llmjax.train.loop.train` from the run itself."""
+    return {"workdir": self.workdir, "initial_params": self.params,
+            "stop_after": self.stop_after, "mesh": self.mesh, "rules": self.rules}
+
   @property
   def is_chief(self) -> bool:
     return jax.process_index() == 0

@@ -38,13 +38,11 @@ class Pretrain:
                                        enabled=ctx.is_chief)
     try:
       writer.write(0, {"unigram_loss": metrics_lib.unigram_loss(eval_data)}, kind="baseline")
-      return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
+      return loop.train(stage=self.name, model_cfg=self.model,
                         loss_fn=functools.partial(lm_loss, chunk_size=self.train.loss_chunk_size),
-                        train_data=train_ds, eval_data=eval_data,
-                        train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
-                        initial_params=ctx.params,
-                        meta={"tokenizer": ctx.tokenizer_file()},
-                        stop_after=ctx.stop_after, mesh=ctx.mesh, rules=ctx.rules)
+                        train_data=train_ds, eval_data=eval_data, train_cfg=self.train,
+                        opt_cfg=self.optimizer, writer=writer,
+                        meta={"tokenizer": ctx.tokenizer_file()}, **ctx.loop_kwargs())
     finally:
       writer.close()
 

@@ -10,6 +10,7 @@ answers to held-out questions and logs their exact-match accuracy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import gin
@@ -88,11 +89,12 @@ class SFT:
       writer.write(0, counts, kind="data")
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": self.chat_template,
               "chat_template": chat.chat_template_jinja(self.chat_template)}
-      return loop.train(stage=self.name, workdir=ctx.workdir, model_cfg=self.model,
-                        loss_fn=lm_loss, train_data=train_ds, eval_data=eval_data,
-                        train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
-                        initial_params=ctx.params, meta=meta, stop_after=ctx.stop_after,
-                        extra_eval=extra_eval if items else None)
+      # The loss mask is the assistant-token mask, so the pretraining loss is the SFT loss.
+      return loop.train(stage=self.name, model_cfg=self.model,
+                        loss_fn=functools.partial(lm_loss, chunk_size=self.train.loss_chunk_size),
+                        train_data=train_ds, eval_data=eval_data, train_cfg=self.train,
+                        opt_cfg=self.optimizer, writer=writer, meta=meta,
+                        extra_eval=extra_eval if items else None, **ctx.loop_kwargs())
     finally:
       writer.close()
 
