@@ -46,6 +46,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def resolve_step(self, step: int | None) -> int:
+    """`step`, or the latest when None; CheckpointError listing the saved steps otherwise."""
+    resolved = step if step is not None else self.latest_step()
+    if resolved is None or resolved not in self.all_steps():
+      raise CheckpointError(f"no checkpoint step {step if step is not None else ''} in "
+                            f"{self.directory}; saved steps: {self.all_steps()}")
+    return resolved
+
   def should_save(self, step: int) -> bool:
     return step % self.every == 0
 
@@ -150,10 +158,7 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
   stage = stage or newest_stage(workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage), every=1)
   try:
-    step = step if step is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.all_steps():
-      raise CheckpointError(f"no checkpoint step {step} for stage {stage!r} in {workdir}; "
-                            f"saved steps: {ckpt.all_steps()}")
+    step = ckpt.resolve_step(step)
     meta = ckpt.read_meta(step)
     if "quantization" not in meta:
       cfg = ModelConfig.from_dict(meta["model"])

@@ -296,10 +296,7 @@ def load_quantized(workdir: str, step: int | None = None, kernel: str | None = N
                           f"write one with llmjax-quantize --output={workdir}")
   ckpt = Checkpointer(directory, every=1)
   try:
-    step = step if step is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.all_steps():
-      raise CheckpointError(f"no quantized checkpoint step {step} in {directory}; saved "
-                            f"steps: {ckpt.all_steps()}")
+    step = ckpt.resolve_step(step)
     meta = ckpt.read_meta(step)
     if "quantization" not in meta:
       raise CheckpointError(f"{directory}/{step} has no 'quantization' metadata: it was not "

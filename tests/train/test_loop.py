@@ -152,3 +152,9 @@ def test_resuming_with_a_different_model_shape_is_refused(straight_run, tokenize
   bigger = stage(tokenizer_path, total_steps=8, d_model=96)
   with pytest.raises(CheckpointError, match="different model.*d_model: checkpoint 64 vs config 96"):
     run(workdir, bigger)
+
+
+def test_missing_step_lists_the_saved_ones(straight_run):
+  workdir, _ = straight_run
+  with pytest.raises(CheckpointError, match=r"no checkpoint step 99 .*saved steps: \[3, 6\]"):
+    ckpt_lib.load_run(str(workdir), "pretrain", step=99)
