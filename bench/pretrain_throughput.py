@@ -10,7 +10,6 @@ measured; the numbers are steady-state (the compile and one warm-up step are exc
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -46,8 +45,7 @@ def main(_):
   graphdef, params = loop.init_params(cfg, seed=0)
   opt = OptimizerConfig()
   tx = build_optimizer(opt, 1000)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-           "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.int32(-1)}
+  state = loop.init_train_state(params, tx)
   step = jax.jit(loop.make_train_step(graphdef, tx, learning_rate_schedule(opt, 1000), lm_loss,
                                       FLAGS.grad_accum_steps), donate_argnums=0)
   batch = jax.device_put(random_batch(FLAGS.batch_size, FLAGS.seq_len, cfg.vocab_size))

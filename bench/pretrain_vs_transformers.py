@@ -43,7 +43,6 @@ def time_steps(step, data) -> float:
 
 def llmjax_step_time(data) -> float:
   import jax
-  import jax.numpy as jnp
   from llmjax.model.config import ModelConfig
   from llmjax.train import loop
   from llmjax.train.losses import lm_loss
@@ -55,8 +54,7 @@ def llmjax_step_time(data) -> float:
   graphdef, params = loop.init_params(cfg, 0)
   opt = OptimizerConfig(grad_clip_norm=None, weight_decay=0.0)
   tx = build_optimizer(opt, 1000)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-           "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.int32(-1)}
+  state = loop.init_train_state(params, tx)
   fn = jax.jit(loop.make_train_step(graphdef, tx, learning_rate_schedule(opt, 1000), lm_loss, 1),
                donate_argnums=0)
   ones = np.ones((FLAGS.batch_size, FLAGS.seq_len), np.int32)

@@ -56,11 +56,24 @@ class TrainConfig:
         raise ConfigError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
 
 
-def init_params(model_cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, params), the params created by a compiled initializer on the device."""
+def init_params(model_cfg: ModelConfig, seed: int,
+                shardings: Any = None) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params), the params created by a compiled initializer on the device(s).
+
+  With `shardings` they are created already sharded: no host ever holds the whole model.
+  """
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, seed)))
-  params = jax.jit(lambda: nnx.split(build_model(model_cfg, seed))[1])()
+  params = jax.jit(lambda: nnx.split(build_model(model_cfg, seed))[1],
+                   out_shardings=shardings)()
   return graphdef, params
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation,
+                     seed: int = 0) -> dict[str, Any]:
+  """The state the train step carries: params, optimizer state, step, RNG, divergence mark."""
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "rng": jax.random.key_data(jax.random.key(seed)),
+          "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -181,9 +194,7 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
   rep = mesh_lib.replicated(mesh)
   batch_shard = mesh_lib.batch_sharding(mesh, rules)
   if initial_params is None:
-    # Created already sharded: no host ever holds the whole model.
-    params = jax.jit(lambda: nnx.split(build_model(model_cfg, train_cfg.seed))[1],
-                     out_shardings=p_shard)()
+    params = init_params(model_cfg, train_cfg.seed, p_shard)[1]
   else:
     params = jax.jit(lambda p: p, out_shardings=p_shard)(initial_params)
   tx = build_optimizer(opt_cfg, train_cfg.total_steps)
@@ -192,10 +203,8 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
                                              mesh)
   state_shard = {"params": p_shard, "opt_state": opt_shard, "step": rep, "rng": rep,
                  "first_bad_step": rep}
-  state = jax.jit(lambda p: {
-      "params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.key(train_cfg.seed)),
-      "first_bad_step": jnp.full((), -1, jnp.int32)}, out_shardings=state_shard)(params)
+  state = jax.jit(lambda p: init_train_state(p, tx, train_cfg.seed),
+                  out_shardings=state_shard)(params)
 
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints/{stage}",
                                        every=train_cfg.checkpoint_every,
