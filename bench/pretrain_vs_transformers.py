@@ -4,7 +4,9 @@
 
 Both train the same architecture (Llama: RMSNorm, RoPE, GQA, SwiGLU, untied embeddings) with
 AdamW on the same random batches (one document per row, causal attention), fp32, in one
-process, one after the other. Steady state: median step time after two warm-up steps.
+process. The two take turns, `--rounds` rounds of `--steps` steps each, so that load from
+other jobs on a shared machine falls on both; each round's first step is not timed, and the
+ratio is of the median step times.
 """
 
 import time
@@ -21,27 +23,27 @@ flags.DEFINE_integer("n_kv_heads", 4, "")
 flags.DEFINE_integer("d_ff", 688, "")
 flags.DEFINE_integer("batch_size", 8, "")
 flags.DEFINE_integer("seq_len", 256, "")
-flags.DEFINE_integer("steps", 8, "")
+flags.DEFINE_integer("steps", 5, "timed steps per round")
+flags.DEFINE_integer("rounds", 4, "")
 
 
 def batches():
   rng = np.random.default_rng(0)
   return [rng.integers(4, FLAGS.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1), dtype=np.int64)
-          for _ in range(FLAGS.steps + 2)]
+          for _ in range(FLAGS.steps + 1)]
 
 
-def time_steps(step, data) -> float:
-  for b in data[:2]:
-    step(b)
+def time_round(step, data) -> list[float]:
+  step(data[0])
   times = []
-  for b in data[2:]:
+  for b in data[1:]:
     t = time.perf_counter()
     step(b)
     times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return times
 
 
-def llmjax_step_time(data) -> float:
+def llmjax_step():
   import jax
   from llmjax.model.config import ModelConfig
   from llmjax.train import loop
@@ -66,10 +68,10 @@ def llmjax_step_time(data) -> float:
              "loss_mask": ones, "segment_ids": ones, "positions": positions}
     state, m = fn(state, batch)
     jax.block_until_ready(m["loss"])
-  return time_steps(step, data)
+  return step
 
 
-def torch_step_time(data) -> float:
+def torch_step():
   import torch
   from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,15 +89,19 @@ def torch_step_time(data) -> float:
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-  return time_steps(step, data)
+  return step
 
 
 def main(_):
   import torch
   data = batches()
   tokens = FLAGS.batch_size * FLAGS.seq_len
-  ours = llmjax_step_time(data)
-  theirs = torch_step_time(data)
+  steps = {"llmjax": llmjax_step(), "transformers": torch_step()}
+  times = {name: [] for name in steps}
+  for _ in range(FLAGS.rounds):
+    for name, step in steps.items():
+      times[name] += time_round(step, data)
+  ours, theirs = np.median(times["llmjax"]), np.median(times["transformers"])
   print(f"| d={FLAGS.d_model} L={FLAGS.n_layers} h={FLAGS.n_heads}/{FLAGS.n_kv_heads} "
         f"ff={FLAGS.d_ff} V={FLAGS.vocab_size} | {FLAGS.batch_size}x{FLAGS.seq_len} | "
         f"{tokens / ours:,.0f} | {tokens / theirs:,.0f} | {theirs / ours:.2f}x | "

@@ -5,9 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# A large negative instead of -inf keeps fully masked rows (none exist with the diagonal
-# always visible, but padding rows come close) free of NaN in softmax and its gradient.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from llmjax.model.causal_attention import MASK_VALUE, causal_attention
 
 
 def attention_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array:
@@ -69,7 +67,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, t, h]
   scores = jnp.einsum("bkqh,bkth->bkqt", q, k, preferred_element_type=jnp.float32)
   scores = (scores * (h ** -0.5)).reshape(b, kv, g, s, t)
-  scores = jnp.where(mask, scores, _MASK_VALUE)
+  scores = jnp.where(mask, scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * s, t)
   out = jnp.einsum("bkqt,bkth->bkqh", probs, v).reshape(b, kv, g, s, h)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, n, h)
@@ -83,7 +81,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
            backend: str = "xla") -> jax.Array:
   """Causal, document-separated attention `[batch, seq, heads, head_dim]` by `backend`.
 
-  - `xla`: the reference above, any device.
+  - `xla`: `causal_attention`, the reference math blocked along the queries with a
+    flash-style backward, in plain XLA ops: any device.
   - `dot_product`: `jax.nn.dot_product_attention`, which takes cuDNN's fused flash attention
     on NVIDIA GPUs where it applies (and XLA elsewhere). Unpacked rows use its causal fast
     path; packed rows pass the segment mask.
@@ -91,7 +90,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | No
     never materializing the mask); `interpret` mode elsewhere, for tests.
   """
   if backend == "xla":
-    return dot_product_attention(q, k, v, segment_ids)
+    return causal_attention(q, k, v, segment_ids)
   if backend == "dot_product":
     mask = None
     if segment_ids is not None:

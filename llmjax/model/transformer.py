@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llmjax.model import quant
+from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.attention import attend, cache_attention_mask, cached_attention
 from llmjax.model.config import ModelConfig, RopeScaling
 from llmjax.parallel.mesh import constrain
@@ -33,7 +34,7 @@ def project(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
   """
   if isinstance(w, quant.QuantizedTensor):
     return quant.quantized_project(x, w, spec, dtype)
-  return jnp.einsum(spec, x, w.astype(dtype))
+  return weight_matmul(x.astype(dtype), w.astype(dtype), spec)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float,
@@ -193,10 +194,13 @@ class Block(nnx.Module):
 
 
 # What a rematerialized block keeps from its forward pass; the rest is recomputed.
+_save_weight_matmuls = jax.checkpoint_policies.save_only_these_names(CHECKPOINT_NAME)
 REMAT_POLICIES = {
     "full": None,  # nothing: least memory, one extra forward per block
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weights' matmuls
+    # every matmul output (attention's too)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _save_weight_matmuls),
+    "dots_no_batch": _save_weight_matmuls,  # the weights' matmuls only
 }
 
 
@@ -279,7 +283,8 @@ class Transformer(nnx.Module):
     # A plain 2-D matmul over flattened rows: XLA:CPU's backward of the 3-D einsum ran
     # ~1.3x slower here (bench/RESULTS.md), and the vocab projection is the largest matmul.
     b, s, d = hidden.shape
-    out = jnp.dot(hidden.reshape(b * s, d), w.astype(dt), preferred_element_type=jnp.float32)
+    out = weight_matmul(hidden.reshape(b * s, d).astype(dt), w.astype(dt), "nd,dv->nv",
+                        jnp.float32)
     return out.reshape(b, s, -1)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
