@@ -1,18 +1,20 @@
 """Activation-times-weight matmuls with a hand-written backward pass.
 
-The math is autodiff's; only the operand order of the weight gradient differs. JAX
-transposes `y = x @ w` into `dw = dot(x, dy)`, contracting the token axis that leads both
-operands, and XLA:CPU then materializes the second operand transposed. That operand is `dy`,
-usually a fusion (SwiGLU's or the softmax's backward), which XLA recomputes in transposed,
-cache-hostile order: on a 2-core CPU the MLP's forward+backward took 62 ms where the same
-matmuls take 37 ms once the gradient is written `dot(dy, x)^T`, whose transposed operand is
-the plain activation `x` (bench/RESULTS.md). GPUs and TPUs run either order at the same
-speed.
+The math is autodiff's; only how the weight gradient `dw = x^T dy` reaches the matmul
+differs. Autodiff emits one `dot_general` contracting the token axis that leads both `x` and
+`dy`, and XLA:CPU then picks a layout for it: it recomputed SwiGLU's backward in transposed,
+cache-hostile order, and ran the `[d_model, vocab]` gradient at half the speed of a plain
+matmul (bench/RESULTS.md has the numbers). Here every projection is viewed as a 2-D
+`[tokens, d_in] @ [d_in, d_out]`, and `x^T` is written out once (an optimization barrier
+keeps XLA:CPU from folding it back) so that `dw` is a plain row-major matmul. Other backends
+get the same 2-D form without the barrier: cuBLAS and the TPU compiler take transposed
+operands natively.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,42 +25,59 @@ from jax.ad_checkpoint import checkpoint_name
 CHECKPOINT_NAME = "weight_matmul"
 
 
-def _split_spec(spec: str) -> tuple[str, str, str]:
-  inputs, out = spec.replace(" ", "").split("->")
-  x_spec, w_spec = inputs.split(",")
-  return x_spec, w_spec, out
-
-
 def weight_matmul(x: jax.Array, w: jax.Array, spec: str, out_dtype=None) -> jax.Array:
   """`einsum(spec, x, w)` with float32 accumulation, returned in `out_dtype` (x's if None).
 
   Args:
-    x: activations, e.g. `[batch, seq, d_model]`; `w`: a weight, e.g. `[d_model, d_ff]`, in
-      x's dtype. `spec` names x's axes, then w's, then the output's (`"bsd,df->bsf"`).
+    x: activations `[*tokens, *d_in]`, e.g. `[batch, seq, d_model]`.
+    w: a weight `[*d_in, *d_out]` in x's dtype, e.g. `[d_model, n_heads, head_dim]`.
+    spec: the einsum; it must contract x's trailing axes with w's leading ones and keep the
+      rest in order, as every projection does: `"bsd,df->bsf"`, `"bsnh,nhd->bsd"`.
+  Returns:
+    `[*tokens, *d_out]`.
   """
-  return checkpoint_name(_matmul(x, w, spec, jnp.dtype(out_dtype or x.dtype)), CHECKPOINT_NAME)
+  n_in = _contracted_axes(spec)
+  return checkpoint_name(_matmul(x, w, n_in, jnp.dtype(out_dtype or x.dtype)), CHECKPOINT_NAME)
+
+
+def _contracted_axes(spec: str) -> int:
+  """How many trailing axes of x meet leading axes of w; a ValueError for other einsums."""
+  inputs, out = spec.replace(" ", "").split("->")
+  x_spec, w_spec = inputs.split(",")
+  n_in = (len(x_spec) + len(w_spec) - len(out)) // 2
+  tokens, d_in = x_spec[:len(x_spec) - n_in], x_spec[len(x_spec) - n_in:]
+  if n_in == 0 or w_spec[:n_in] != d_in or out != tokens + w_spec[n_in:]:
+    raise ValueError(f"weight_matmul needs an einsum 'tokens+in,in+out->tokens+out', got {spec!r}")
+  return n_in
+
+
+def _flat(x, w, n_in):
+  """`x [tokens, d_in]`, `w [d_in, d_out]` and the output's full shape."""
+  tokens, d_out = x.shape[:x.ndim - n_in], w.shape[n_in:]
+  d_in = math.prod(w.shape[:n_in])
+  return x.reshape(-1, d_in), w.reshape(d_in, -1), tokens + d_out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x, w, spec, out_dtype):
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+def _matmul(x, w, n_in, out_dtype):
+  x2, w2, out_shape = _flat(x, w, n_in)
+  return jnp.dot(x2, w2, preferred_element_type=jnp.float32).astype(out_dtype).reshape(out_shape)
 
 
-def _forward(x, w, spec, out_dtype):
-  return _matmul(x, w, spec, out_dtype), (x, w)
+def _forward(x, w, n_in, out_dtype):
+  return _matmul(x, w, n_in, out_dtype), (x, w)
 
 
-def _backward(spec, out_dtype, residuals, dy):
+def _backward(n_in, out_dtype, residuals, dy):
   x, w = residuals
-  x_spec, w_spec, out_spec = _split_spec(spec)
-  dy = dy.astype(x.dtype)
-  dx = jnp.einsum(f"{out_spec},{w_spec}->{x_spec}", dy, w, preferred_element_type=jnp.float32)
-  # XLA:CPU materializes the second operand transposed: make that the smaller one.
-  if x.size <= dy.size:
-    dw = jnp.einsum(f"{out_spec},{x_spec}->{w_spec}", dy, x, preferred_element_type=jnp.float32)
-  else:
-    dw = jnp.einsum(f"{x_spec},{out_spec}->{w_spec}", x, dy, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  x2, w2, _ = _flat(x, w, n_in)
+  dy2 = dy.astype(x.dtype).reshape(x2.shape[0], w2.shape[1])
+  dx = jnp.dot(dy2, w2.T, preferred_element_type=jnp.float32)
+  x2_t = x2.T
+  if jax.default_backend() == "cpu":
+    x2_t = jax.lax.optimization_barrier(x2_t)
+  dw = jnp.dot(x2_t, dy2, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape)
 
 
 _matmul.defvjp(_forward, _backward)

@@ -97,6 +97,11 @@ def test_weight_matmul_gradients_equal_autodiff(spec, x_shape, w_shape):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_weight_matmul_refuses_an_einsum_it_cannot_flatten():
+  with pytest.raises(ValueError, match="tokens\+in,in\+out"):
+    weight_matmul(jnp.ones((2, 3, 4)), jnp.ones((3, 5)), "bsd,sf->bdf")
+
+
 def test_weight_matmul_keeps_dtypes():
   x, w = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 3), jnp.bfloat16)
   assert weight_matmul(x, w, "nd,dv->nv", jnp.float32).dtype == jnp.float32
