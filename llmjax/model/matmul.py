@@ -26,7 +26,8 @@ CHECKPOINT_NAME = "weight_matmul"
 
 
 def weight_matmul(x: jax.Array, w: jax.Array, spec: str, out_dtype=None) -> jax.Array:
-  """`einsum(spec, x, w)` with float32 accumulation, returned in `out_dtype` (x's if None).
+  """`einsum(spec, x, w)` returned in `out_dtype` (x's if None), accumulated in float32 where
+  the device's matmul does (GPU/TPU bf16 matmuls accumulate in float32).
 
   Args:
     x: activations `[*tokens, *d_in]`, e.g. `[batch, seq, d_model]`.
@@ -61,7 +62,7 @@ def _flat(x, w, n_in):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul(x, w, n_in, out_dtype):
   x2, w2, out_shape = _flat(x, w, n_in)
-  return jnp.dot(x2, w2, preferred_element_type=jnp.float32).astype(out_dtype).reshape(out_shape)
+  return jnp.dot(x2, w2, preferred_element_type=out_dtype).reshape(out_shape)
 
 
 def _forward(x, w, n_in, out_dtype):
@@ -72,12 +73,12 @@ def _backward(n_in, out_dtype, residuals, dy):
   x, w = residuals
   x2, w2, _ = _flat(x, w, n_in)
   dy2 = dy.astype(x.dtype).reshape(x2.shape[0], w2.shape[1])
-  dx = jnp.dot(dy2, w2.T, preferred_element_type=jnp.float32)
+  dx = jnp.dot(dy2, w2.T, preferred_element_type=x.dtype)
   x2_t = x2.T
   if jax.default_backend() == "cpu":
     x2_t = jax.lax.optimization_barrier(x2_t)
-  dw = jnp.dot(x2_t, dy2, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape)
+  dw = jnp.dot(x2_t, dy2, preferred_element_type=w.dtype)
+  return dx.reshape(x.shape), dw.reshape(w.shape)
 
 
 _matmul.defvjp(_forward, _backward)
