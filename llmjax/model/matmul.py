@@ -5,8 +5,9 @@ differs. Autodiff emits one `dot_general` contracting the token axis that leads 
 `dy`, and XLA:CPU then picks a layout for it: it recomputed SwiGLU's backward in transposed,
 cache-hostile order, and ran the `[d_model, vocab]` gradient at half the speed of a plain
 matmul (bench/RESULTS.md has the numbers). Here every projection is viewed as a 2-D
-`[tokens, d_in] @ [d_in, d_out]`, and `x^T` is written out once (an optimization barrier
-keeps XLA:CPU from folding it back) so that `dw` is a plain row-major matmul. Other backends
+`[tokens, d_in] @ [d_in, d_out]`, and the forward pass keeps `x^T` instead of `x`, written
+out once while `x` is still in cache (an optimization barrier keeps XLA:CPU from folding it
+back), so that `dw` is a plain row-major matmul. Other backends
 get the same 2-D form without the barrier: cuBLAS and the TPU compiler take transposed
 operands natively.
 """
@@ -66,19 +67,23 @@ def _matmul(x, w, n_in, out_dtype):
 
 
 def _forward(x, w, n_in, out_dtype):
-  return _matmul(x, w, n_in, out_dtype), (x, w)
-
-
-def _backward(n_in, out_dtype, residuals, dy):
-  x, w = residuals
-  x2, w2, _ = _flat(x, w, n_in)
-  dy2 = dy.astype(x.dtype).reshape(x2.shape[0], w2.shape[1])
-  dx = jnp.dot(dy2, w2.T, preferred_element_type=x.dtype)
+  # The backward needs x only as x^T (for dw): transposed here, while x is still in cache,
+  # and kept instead of x.
+  x2, _, _ = _flat(x, w, n_in)
   x2_t = x2.T
   if jax.default_backend() == "cpu":
     x2_t = jax.lax.optimization_barrier(x2_t)
+  return _matmul(x, w, n_in, out_dtype), (x2_t, w)
+
+
+def _backward(n_in, out_dtype, residuals, dy):
+  x2_t, w = residuals
+  w2 = w.reshape(x2_t.shape[0], -1)
+  dy2 = dy.astype(x2_t.dtype).reshape(x2_t.shape[1], w2.shape[1])
+  dx = jnp.dot(dy2, w2.T, preferred_element_type=x2_t.dtype)
   dw = jnp.dot(x2_t, dy2, preferred_element_type=w.dtype)
-  return dx.reshape(x.shape), dw.reshape(w.shape)
+  x_shape = dy.shape[:dy.ndim - (w.ndim - n_in)] + w.shape[:n_in]
+  return dx.reshape(x_shape), dw.reshape(w.shape)
 
 
 _matmul.defvjp(_forward, _backward)
