@@ -10,7 +10,7 @@ differentiating `softmax(q k^T) v` directly, on any device XLA compiles for:
   `ds = p * (dp - rowsum(do * o))`. Autodiff of the softmax instead stores the
   `[batch, heads, seq, seq]` probabilities and makes several passes over them.
 
-The math equals `attention.dot_product_attention` (tests/model/test_attention.py).
+The math equals `attention.dot_product_attention` (tests/model/test_custom_vjps.py).
 """
 
 from __future__ import annotations

@@ -154,6 +154,26 @@ class Attention(nnx.Module):
     return q, k, v
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """`silu(gate) * up`."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_forward(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_backward(residuals, d_out):
+  gate, up = residuals
+  sig = jax.nn.sigmoid(gate)
+  d_gate = d_out * up * sig * (1 + gate * (1 - sig))
+  return d_gate.astype(gate.dtype), (d_out * gate * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
+
+
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -166,9 +186,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    gate = jax.nn.silu(project(x, self.gate_proj[...], "bsd,df->bsf", dt))
+    gate = project(x, self.gate_proj[...], "bsd,df->bsf", dt)
     up = project(x, self.up_proj[...], "bsd,df->bsf", dt)
-    return project(gate * up, self.down_proj[...], "bsf,fd->bsd", dt)
+    return project(swiglu(gate, up), self.down_proj[...], "bsf,fd->bsd", dt)
 
 
 class Block(nnx.Module):

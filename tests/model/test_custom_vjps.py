@@ -1,4 +1,4 @@
-"""The blocked, custom-VJP training attention and weight matmul equal plain autodiff."""
+"""Hand-written backward passes (attention, weight matmuls, SwiGLU) equal plain autodiff."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import pytest
 from llmjax.model import attention
 from llmjax.model.causal_attention import MAX_BLOCKS, block_bounds, causal_attention
 from llmjax.model.matmul import weight_matmul
-from llmjax.model.transformer import REMAT_POLICIES
+from llmjax.model.transformer import REMAT_POLICIES, swiglu
 
 
 def qkv(batch, seq, heads, kv_heads, head_dim=8, seed=0, dtype=jnp.float32):
@@ -121,3 +121,14 @@ def test_remat_policies_keep_weight_matmul_outputs(policy, capsys):
   assert "f32[4,16]" in capsys.readouterr().out  # the first matmul's output, not recomputed
   jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(fn), jnp.ones((4, 8)))
   assert "f32[4,16]" not in capsys.readouterr().out
+
+
+def test_swiglu_gradients_equal_autodiff():
+  kg, ku, kc = jax.random.split(jax.random.key(2), 3)
+  gate, up = 3 * jax.random.normal(kg, (4, 8)), jax.random.normal(ku, (4, 8))
+  c = jax.random.normal(kc, (4, 8))
+  ours = jax.grad(lambda g, u: jnp.sum(swiglu(g, u) * c), argnums=(0, 1))(gate, up)
+  ref = jax.grad(lambda g, u: jnp.sum(jax.nn.silu(g) * u * c), argnums=(0, 1))(gate, up)
+  np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
