@@ -2,6 +2,8 @@
 
   python bench/pretrain_throughput.py --preset=tiny --batch_size=16 --seq_len=256
   python bench/pretrain_throughput.py --preset=llama_100m --batch_size=4 --seq_len=256 --steps=5
+  python bench/pretrain_throughput.py --preset=llama3_1b --dtype=bfloat16 \
+      --attention=dot_product --remat=dots --batch_size=8 --seq_len=2048   # one GPU: MFU
 
 Batches are random tokens packed as two documents per row, so the data pipeline is not what is
 measured; the numbers are steady-state (the compile and one warm-up step are excluded).
@@ -22,6 +24,9 @@ from llmjax.train.optimizer import OptimizerConfig, build_optimizer, learning_ra
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "Model preset.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+flags.DEFINE_string("attention", "xla", "Attention backend: xla, dot_product, splash.")
+flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, dots_no_batch.")
+flags.DEFINE_bool("scan_layers", False, "Run the blocks under lax.scan.")
 flags.DEFINE_integer("batch_size", 16, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -41,7 +46,8 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, n
 
 
 def main(_):
-  cfg = model_config(FLAGS.preset, {"dtype": FLAGS.dtype})
+  cfg = model_config(FLAGS.preset, {"dtype": FLAGS.dtype, "attention": FLAGS.attention,
+                                    "remat": FLAGS.remat, "scan_layers": FLAGS.scan_layers})
   graphdef, params = loop.init_params(cfg, seed=0)
   opt = OptimizerConfig()
   tx = build_optimizer(opt, 1000)
@@ -66,7 +72,8 @@ def main(_):
   tps = tokens / step_s
   flops = metrics.flops_per_token(cfg, FLAGS.seq_len) * tps
   peak = metrics.peak_flops_per_device()
-  print(f"| {FLAGS.preset} | {cfg.num_params() / 1e6:.1f}M | {FLAGS.dtype} | "
+  print(f"| {FLAGS.preset} | {cfg.num_params() / 1e6:.1f}M | {FLAGS.dtype} "
+        f"{FLAGS.attention}/{FLAGS.remat}{'/scan' if FLAGS.scan_layers else ''} | "
         f"{FLAGS.batch_size}x{FLAGS.seq_len} | {step_s * 1e3:.1f} ms | {tps:,.0f} | "
         f"{flops / 1e9:,.1f} GFLOP/s | "
         f"{'%.1f%%' % (100 * flops / (peak * jax.device_count())) if peak else 'n/a'} | "
