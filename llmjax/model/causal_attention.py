@@ -76,7 +76,7 @@ def _scores(q, k, segment_ids, lo, hi):
   return jnp.where(mask, scores, MASK_VALUE)
 
 
-def _pv(p, v, lo, hi):
+def _pv(p, v):
   """`p [b, kv, g, q, t] @ v[:, :, :t]` -> `[b, kv, g, q, h]`."""
   b, kv, g, rows, t = p.shape
   out = jnp.einsum("bkqt,bkth->bkqh", p.reshape(b, kv, g * rows, t), v[:, :, :t],
@@ -96,17 +96,13 @@ def _forward(q, k, v, segment_ids, bounds):
     m = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - m)
     total = jnp.sum(p, axis=-1, keepdims=True)
-    outs.append((_pv(p.astype(v.dtype), v, lo, hi) / total).astype(q.dtype))
+    outs.append((_pv(p.astype(v.dtype), v) / total).astype(q.dtype))
     lses.append(m[..., 0] + jnp.log(total[..., 0]))
   out = jnp.concatenate(outs, axis=3)
   return out, (q, k, v, segment_ids, out, jnp.concatenate(lses, axis=3))
 
 
-def _forward_rule(q, k, v, segment_ids, bounds):
-  return _forward(q, k, v, segment_ids, bounds)
-
-
-def _backward_rule(bounds, residuals, d_out):
+def _backward(bounds, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
   b, kv, g, _, h = q.shape
   scale = h ** -0.5
@@ -134,4 +130,4 @@ def _backward_rule(bounds, residuals, d_out):
   return (dq.astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype), None)
 
 
-_attention.defvjp(_forward_rule, _backward_rule)
+_attention.defvjp(_forward, _backward)

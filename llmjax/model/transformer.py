@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from llmjax.model import quant
-from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.attention import attend, cache_attention_mask, cached_attention
+from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.config import ModelConfig, RopeScaling
 from llmjax.parallel.mesh import constrain
 
@@ -300,12 +300,7 @@ class Transformer(nnx.Module):
     """`[batch, seq, d_model]` -> float32 `[batch, seq, vocab]`."""
     dt = self.config.dtype
     w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-    # A plain 2-D matmul over flattened rows: XLA:CPU's backward of the 3-D einsum ran
-    # ~1.3x slower here (bench/RESULTS.md), and the vocab projection is the largest matmul.
-    b, s, d = hidden.shape
-    out = weight_matmul(hidden.reshape(b * s, d).astype(dt), w.astype(dt), "nd,dv->nv",
-                        jnp.float32)
-    return out.reshape(b, s, -1)
+    return weight_matmul(hidden.astype(dt), w.astype(dt), "bsd,dv->bsv", jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
