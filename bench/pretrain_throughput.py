@@ -12,13 +12,14 @@ measured; the numbers are steady-state (the compile and one warm-up step are exc
 import time
 
 import jax
+from flax import nnx
 import numpy as np
 from absl import app, flags
 
 from llmjax import metrics
 from llmjax.model.config import model_config
 from llmjax.train import loop
-from llmjax.train.losses import lm_loss
+from llmjax.train.losses import lm_objective
 from llmjax.train.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
 
 FLAGS = flags.FLAGS
@@ -51,20 +52,22 @@ def main(_):
   graphdef, params = loop.init_params(cfg, seed=0)
   opt = OptimizerConfig()
   tx = build_optimizer(opt, 1000)
-  state = loop.init_train_state(params, tx)
-  step = jax.jit(loop.make_train_step(graphdef, tx, learning_rate_schedule(opt, 1000), lm_loss,
-                                      FLAGS.grad_accum_steps), donate_argnums=0)
+  state = loop.init_train_state({"policy": params}, tx)
+  frozen = {"policy": nnx.State({})}
+  step = jax.jit(loop.make_train_step({"policy": graphdef}, tx, learning_rate_schedule(opt, 1000),
+                                      lm_objective(), FLAGS.grad_accum_steps),
+                 donate_argnums=0)
   batch = jax.device_put(random_batch(FLAGS.batch_size, FLAGS.seq_len, cfg.vocab_size))
   t0 = time.time()
-  state, m = step(state, batch)
+  state, m = step(state, frozen, batch)
   jax.block_until_ready(m)
   compile_s = time.time() - t0
-  state, m = step(state, batch)  # warm-up
+  state, m = step(state, frozen, batch)  # warm-up
   jax.block_until_ready(m)
   times = []
   for _ in range(FLAGS.steps):
     t = time.time()
-    state, m = step(state, batch)
+    state, m = step(state, frozen, batch)
     jax.block_until_ready(m)
     times.append(time.time() - t)
   step_s = float(np.median(times))

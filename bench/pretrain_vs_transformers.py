@@ -45,9 +45,10 @@ def time_round(step, data) -> list[float]:
 
 def llmjax_step():
   import jax
+  from flax import nnx
   from llmjax.model.config import ModelConfig
   from llmjax.train import loop
-  from llmjax.train.losses import lm_loss
+  from llmjax.train.losses import lm_objective
   from llmjax.train.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
 
   cfg = ModelConfig(vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
@@ -56,9 +57,10 @@ def llmjax_step():
   graphdef, params = loop.init_params(cfg, 0)
   opt = OptimizerConfig(grad_clip_norm=None, weight_decay=0.0)
   tx = build_optimizer(opt, 1000)
-  state = loop.init_train_state(params, tx)
-  fn = jax.jit(loop.make_train_step(graphdef, tx, learning_rate_schedule(opt, 1000), lm_loss, 1),
-               donate_argnums=0)
+  state = loop.init_train_state({"policy": params}, tx)
+  frozen = {"policy": nnx.State({})}
+  fn = jax.jit(loop.make_train_step({"policy": graphdef}, tx, learning_rate_schedule(opt, 1000),
+                                    lm_objective(), 1), donate_argnums=0)
   ones = np.ones((FLAGS.batch_size, FLAGS.seq_len), np.int32)
   positions = np.broadcast_to(np.arange(FLAGS.seq_len, dtype=np.int32), ones.shape)
 
@@ -66,7 +68,7 @@ def llmjax_step():
     nonlocal state
     batch = {"tokens": b[:, :-1].astype(np.int32), "targets": b[:, 1:].astype(np.int32),
              "loss_mask": ones, "segment_ids": ones, "positions": positions}
-    state, m = fn(state, batch)
+    state, m = fn(state, frozen, batch)
     jax.block_until_ready(m["loss"])
   return step
 

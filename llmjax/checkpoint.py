@@ -13,7 +13,6 @@ item is written, so a crash mid-save leaves nothing that `latest_step()` will pi
 from __future__ import annotations
 
 import os
-import dataclasses
 from typing import Any
 
 import jax
@@ -119,57 +118,3 @@ def check_same_model(saved: dict[str, Any], cfg: ModelConfig, where: str) -> Non
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) describing `tree`, for restoring into its layout."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def newest_stage(workdir: str) -> str:
-  """The stage of `workdir` whose checkpoint directory changed last."""
-  root = os.path.join(workdir, "checkpoints")
-  stages = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
-      if os.path.isdir(root) else []
-  if not stages:
-    raise CheckpointError(f"no checkpoints under {root}: train first (llmjax-train "
-                          f"--workdir={workdir})")
-  return max(stages, key=lambda s: os.path.getmtime(os.path.join(root, s)))
-
-
-@dataclasses.dataclass
-class LoadedRun:
-  """A run's parameters with everything needed to use them."""
-  graphdef: Any
-  params: Any
-  model_cfg: ModelConfig
-  tokenizer: Any
-  stage: str
-  step: int
-  meta: dict[str, Any]
-
-
-def load_run(workdir: str, stage: str | None = None, step: int | None = None,
-             abstract_params: Any = None) -> LoadedRun:
-  """Parameters, config and tokenizer from a run's (or an import's) checkpoint.
-
-  `stage` defaults to the newest saved stage, `step` to its latest step. `abstract_params`
-  (ShapeDtypeStructs with shardings) chooses where the arrays land; default: one device.
-  """
-  from flax import nnx
-  from llmjax.data.hf_tokenizer import load_tokenizer
-  from llmjax.model.transformer import build_model
-
-  stage = stage or newest_stage(workdir)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage), every=1)
-  try:
-    step = ckpt.resolve_step(step)
-    meta = ckpt.read_meta(step)
-    if "quantization" not in meta:
-      cfg = ModelConfig.from_dict(meta["model"])
-      graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
-      params = ckpt.restore_params(step, abstract_params or abstract_like(abstract))
-  finally:
-    ckpt.close()
-  if "quantization" in meta:  # an llmjax-quantize output: its params are packed weights
-    from llmjax.model.quant import load_quantized
-    return load_quantized(workdir, step)
-  # An import of an HF model saved without a tokenizer records None.
-  tok_file = meta.get("tokenizer", "tokenizer.model")
-  tokenizer = load_tokenizer(os.path.join(workdir, tok_file)) if tok_file else None
-  return LoadedRun(graphdef, params, cfg, tokenizer, stage, step, meta)

@@ -67,7 +67,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.chat):
     raise app.UsageError("--workdir and either --chat or at least one --prompt are required")
-  from llmjax.checkpoint import load_run
+  from llmjax.runs.load import load_run
   from llmjax.data import chat
   from llmjax.sample.sampler import Sampler
   run = load_run(FLAGS.workdir, FLAGS.stage, FLAGS.step)

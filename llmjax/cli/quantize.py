@@ -5,7 +5,7 @@
       --gin_bindings="QuantConfig.kernel = 'reference'"
 
 Writes `<output>/checkpoints/quantized/<step>/` (Orbax; restore with
-`llmjax.model.quant.load_quantized`), a copy of the tokenizer, and `<output>/quant_report.json`:
+`llmjax.runs.quantized.load_quantized`), a copy of the tokenizer, and `<output>/quant_report.json`:
 eval loss of the float and the quantized model on the same held-out batches, and weight
 bytes before and after. Quantization flags left unset take their value from gin's
 `QuantConfig` (defaults: int4, group 64, pallas kernel).
@@ -82,7 +82,7 @@ def main(argv):
     raise app.UsageError("--workdir and --output are required")
   if os.path.abspath(FLAGS.workdir) == os.path.abspath(FLAGS.output):
     raise app.UsageError("--output must differ from --workdir")
-  from llmjax.model.quant_run import quantize_run
+  from llmjax.runs.quantize_run import quantize_run
   cfg = quant_config_from_flags()
   report = quantize_run(FLAGS.workdir, FLAGS.output, cfg, stage=FLAGS.stage,
                         step=FLAGS.step, eval_data=eval_data_from_flags(),

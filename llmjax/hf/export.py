@@ -212,7 +212,7 @@ def export_run(workdir: str, output: str, stage: str | None = None, step: int | 
                dtype: str | None = None, max_shard_size: int | str = "2GB",
                overwrite: bool = False) -> str:
   """Exports a run's (or an import's) checkpoint; see `export_params`."""
-  from llmjax.checkpoint import load_run
+  from llmjax.runs.load import load_run
   if dtype is not None and dtype not in DTYPES:
     raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
   parse_size(max_shard_size)  # fail on a bad flag before reading the checkpoint

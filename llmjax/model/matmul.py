@@ -38,11 +38,11 @@ def weight_matmul(x: jax.Array, w: jax.Array, spec: str, out_dtype=None) -> jax.
   Returns:
     `[*tokens, *d_out]`.
   """
-  n_in = _contracted_axes(spec)
+  n_in = contracted_axes(spec)
   return checkpoint_name(_matmul(x, w, n_in, jnp.dtype(out_dtype or x.dtype)), CHECKPOINT_NAME)
 
 
-def _contracted_axes(spec: str) -> int:
+def contracted_axes(spec: str) -> int:
   """How many trailing axes of x meet leading axes of w; a ValueError for other einsums."""
   inputs, out = spec.replace(" ", "").split("->")
   x_spec, w_spec = inputs.split(",")

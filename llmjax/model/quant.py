@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Any
 
 import gin
 import jax
@@ -26,19 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.errors import CheckpointError, ConfigError
+from llmjax.errors import ConfigError
 from llmjax.kernels import Int4Weight, dequantize_int4, int4_matmul, quantize_int4
+from llmjax.model import weights
 
 SCHEMES = ("int4", "nf4", "int8")
 KERNELS = ("pallas", "reference")
 GROUP_SIZES = (32, 64, 128)  # what the int4 kernel tiles
-QUANTIZED_STAGE = "quantized"  # the checkpoint directory under <workdir>/checkpoints/
-
-# Weight name -> how many leading axes are contracted (the d_in part of the 2-D view), from
-# the einsum specs in transformer.py: q/k/v "dnh" contract d, o_proj "nhd" contracts n, h.
-_ATTN_WEIGHTS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2}
-_MLP_WEIGHTS = {"gate_proj": 1, "up_proj": 1, "down_proj": 1}
-
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -190,14 +182,11 @@ def quantized_project(x: jax.Array, w: QuantizedTensor, spec: str, dtype) -> jax
 
 
 def _quantizable(model: nnx.Module, cfg: QuantConfig):
-  """(owner module, attribute, n_in, dotted name) of each weight `cfg` quantizes."""
-  for i, layer in enumerate(model.layers):
-    for attr, n_in in _ATTN_WEIGHTS.items():
-      yield layer.attn, attr, n_in, f"layers.{i}.attn.{attr}"
-    for attr, n_in in _MLP_WEIGHTS.items():
-      yield layer.mlp, attr, n_in, f"layers.{i}.mlp.{attr}"
+  """(owner module, attribute, dotted name) of each weight `cfg` quantizes."""
+  names = weights.ATTENTION + weights.MLP
   if cfg.quantize_lm_head and not model.config.tie_embeddings:
-    yield model, "lm_head", 1, "lm_head"
+    names += ("lm_head",)
+  return weights.projection_weights(model, names)
 
 
 def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
@@ -206,23 +195,20 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
   Works on a concrete model and under `nnx.eval_shape` (to build the abstract state a
   quantized checkpoint restores into).
   """
-  for owner, attr, n_in, name in _quantizable(model, cfg):
+  for owner, attr, name in _quantizable(model, cfg):
     param = getattr(owner, attr)
     if isinstance(param, QuantizedWeight):
       raise ConfigError(f"{name} is already quantized ({param.get_value().scheme}): "
                         "quantize the float checkpoint instead")
     w = param[...]
-    meta = {"scheme": cfg.scheme}
+    layout = weights.LAYOUTS[attr]
+    # The 2-D view's axes: its rows are the first input axis' blocks, its columns the first
+    # output axis' (heads stay whole when the flattened columns are split evenly).
+    meta = {"scheme": cfg.scheme, "logical_axes": (layout.in_axes[0], layout.out_axes[0])}
     if attr == "lm_head":
       meta.update(dequantize_on_read=True, dtype=str(w.dtype))
-    setattr(owner, attr, QuantizedWeight(quantize_tensor(w, n_in, cfg, name), **meta))
+    setattr(owner, attr, QuantizedWeight(quantize_tensor(w, layout.n_in, cfg, name), **meta))
   return model
-
-
-def quantized_abstract(model_cfg, cfg: QuantConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, ShapeDtypeStruct state) of the quantized model: a restore target."""
-  from llmjax.model.transformer import build_model
-  return nnx.split(nnx.eval_shape(lambda: quantize_model(build_model(model_cfg), cfg)))
 
 
 def weight_bytes(state: nnx.State) -> dict[str, int]:
@@ -240,75 +226,3 @@ def weight_bytes(state: nnx.State) -> dict[str, int]:
       out["float"] += n
     out["total"] += n
   return out
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_sums(graphdef, state, batch):
-  from llmjax.train.losses import lm_loss
-  return lm_loss(nnx.merge(graphdef, state), batch)
-
-
-def eval_loss(graphdef: nnx.GraphDef, state: nnx.State, batches: list[dict[str, Any]]
-              ) -> float:
-  """Mean next-token loss (nats per target token) of the model over packed `batches`."""
-  total = count = 0.0
-  for batch in batches:
-    s, c = _loss_sums(graphdef, state, batch)
-    total, count = total + float(s), count + float(c)
-  return total / max(count, 1.0)
-
-
-def quantization_meta(cfg: QuantConfig) -> dict[str, Any]:
-  """What a quantized checkpoint records about its quantization (not the kernel)."""
-  return {"scheme": cfg.scheme, "group_size": cfg.group_size,
-          "quantize_lm_head": cfg.quantize_lm_head}
-
-
-def save_quantized(workdir: str, step: int, state: nnx.State, meta: dict[str, Any]) -> str:
-  """Writes `state` to `<workdir>/checkpoints/quantized/<step>/` with `meta`; returns it.
-
-  `meta` must hold 'model' (the ModelConfig dict) and 'quantization' (`quantization_meta`).
-  """
-  from llmjax.checkpoint import Checkpointer
-  directory = os.path.join(workdir, "checkpoints", QUANTIZED_STAGE)
-  ckpt = Checkpointer(directory, every=1, async_save=False)
-  try:
-    ckpt.save_params_only(step, state, {"stage": QUANTIZED_STAGE, "step": step, **meta})
-    ckpt.wait()
-  finally:
-    ckpt.close()
-  return os.path.join(directory, str(step))
-
-
-def load_quantized(workdir: str, step: int | None = None, kernel: str | None = None):
-  """A quantized checkpoint written by `llmjax-quantize`, as a `checkpoint.LoadedRun`.
-
-  `kernel` ('pallas' or 'reference') picks the int4 matmul; None takes
-  `QuantConfig.kernel` from gin. The run's `params` is the quantized state.
-  """
-  from llmjax.checkpoint import Checkpointer, LoadedRun, abstract_like
-  from llmjax.data.hf_tokenizer import load_tokenizer
-  from llmjax.model.config import ModelConfig
-
-  directory = os.path.join(workdir, "checkpoints", QUANTIZED_STAGE)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"no quantized checkpoint in {workdir} (expected {directory}): "
-                          f"write one with llmjax-quantize --output={workdir}")
-  ckpt = Checkpointer(directory, every=1)
-  try:
-    step = ckpt.resolve_step(step)
-    meta = ckpt.read_meta(step)
-    if "quantization" not in meta:
-      raise CheckpointError(f"{directory}/{step} has no 'quantization' metadata: it was not "
-                            "written by llmjax-quantize")
-    model_cfg = ModelConfig.from_dict(meta["model"])
-    q = meta["quantization"]
-    cfg = QuantConfig(q["scheme"], q["group_size"], kernel or QuantConfig().kernel,
-                      q["quantize_lm_head"])
-    graphdef, abstract = quantized_abstract(model_cfg, cfg)
-    state = ckpt.restore_params(step, abstract_like(abstract))
-  finally:
-    ckpt.close()
-  tok_file = meta.get("tokenizer", "tokenizer.model")
-  tokenizer = load_tokenizer(os.path.join(workdir, tok_file)) if tok_file else None
-  return LoadedRun(graphdef, state, model_cfg, tokenizer, QUANTIZED_STAGE, step, meta)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.model import quant
+from llmjax.model import lora, quant
 from llmjax.model.attention import attend, cache_attention_mask, cached_attention
 from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.config import ModelConfig, RopeScaling
@@ -30,8 +30,11 @@ def project(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
 
   Every weight matmul of the model goes through here, so that quantized weights and LoRA
   adapters have one place to take over the matmul. A `quant.QuantizedTensor` weight (read
-  from a `quant.QuantizedWeight`) runs as one 2-D quantized matmul instead.
+  from a `quant.QuantizedWeight`) runs as one 2-D quantized matmul instead; a
+  `lora.LoraTensor` (read through `lora.weight`) adds its low-rank term.
   """
+  if isinstance(w, lora.LoraTensor):
+    return lora.lora_project(x, w, spec, dtype, base_project=project)
   if isinstance(w, quant.QuantizedTensor):
     return quant.quantized_project(x, w, spec, dtype)
   return weight_matmul(x.astype(dtype), w.astype(dtype), spec)
@@ -118,7 +121,7 @@ class Attention(nnx.Module):
     """`x [batch, seq, d_model]` -> `[batch, seq, d_model]`."""
     q, k, v = self._qkv(x, positions)
     out = attend(q, k, v, segment_ids, self.backend)
-    return project(out, self.o_proj[...], "bsnh,nhd->bsd", self.dtype)
+    return project(out, lora.weight(self, "o_proj"), "bsnh,nhd->bsd", self.dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              index: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -137,13 +140,14 @@ class Attention(nnx.Module):
     k_cache = write(k_cache, k.astype(k_cache.dtype), index)
     v_cache = write(v_cache, v.astype(v_cache.dtype), index)
     out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
-    return project(out, self.o_proj[...], "bsnh,nhd->bsd", self.dtype), k_cache, v_cache
+    out = project(out, lora.weight(self, "o_proj"), "bsnh,nhd->bsd", self.dtype)
+    return out, k_cache, v_cache
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     dt = self.dtype
-    q = project(x, self.q_proj[...], "bsd,dnh->bsnh", dt)
-    k = project(x, self.k_proj[...], "bsd,dnh->bsnh", dt)
-    v = project(x, self.v_proj[...], "bsd,dnh->bsnh", dt)
+    q = project(x, lora.weight(self, "q_proj"), "bsd,dnh->bsnh", dt)
+    k = project(x, lora.weight(self, "k_proj"), "bsd,dnh->bsnh", dt)
+    v = project(x, lora.weight(self, "v_proj"), "bsd,dnh->bsnh", dt)
     if self.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -186,9 +190,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    gate = project(x, self.gate_proj[...], "bsd,df->bsf", dt)
-    up = project(x, self.up_proj[...], "bsd,df->bsf", dt)
-    return project(swiglu(gate, up), self.down_proj[...], "bsf,fd->bsd", dt)
+    gate = project(x, lora.weight(self, "gate_proj"), "bsd,df->bsf", dt)
+    up = project(x, lora.weight(self, "up_proj"), "bsd,df->bsf", dt)
+    return project(swiglu(gate, up), lora.weight(self, "down_proj"), "bsf,fd->bsd", dt)
 
 
 class Block(nnx.Module):
@@ -233,9 +237,11 @@ def _scan_blocks(layers, run_block, x: jax.Array) -> jax.Array:
   graphdef, _ = nnx.split(layers[0])
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in layers])
 
-  def body(x, state):
-    return run_block(nnx.merge(graphdef, state), x), None
-  return jax.lax.scan(body, x, stacked)[0]
+  def body(x, layer):
+    index, state = layer
+    with lora.fold_dropout_key(index):  # LoRA dropout masks differ between layers
+      return run_block(nnx.merge(graphdef, state), x), None
+  return jax.lax.scan(body, x, (jnp.arange(len(layers)), stacked))[0]
 
 
 class Transformer(nnx.Module):
@@ -299,8 +305,15 @@ class Transformer(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[batch, seq, d_model]` -> float32 `[batch, seq, vocab]`."""
     dt = self.config.dtype
-    w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-    return weight_matmul(hidden.astype(dt), w.astype(dt), "bsd,dv->bsv", jnp.float32)
+    w = self.embed[...].T if self.config.tie_embeddings else lora.weight(self, "lm_head")
+    if isinstance(w, lora.LoraTensor):
+      return lora.lora_project(hidden, w, "bsd,dv->bsv", dt, jnp.float32,
+                               base_project=self._head_matmul)
+    return self._head_matmul(hidden, w, "bsd,dv->bsv", dt)
+
+  @staticmethod
+  def _head_matmul(hidden, w, spec, dt):
+    return weight_matmul(hidden.astype(dt), w.astype(dt), spec, jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:

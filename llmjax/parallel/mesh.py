@@ -108,7 +108,16 @@ def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
 
   def one(v):
     axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
-    return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules))
+    value = v.get_value() if isinstance(v, nnx.Variable) else v
+    if len(jax.tree.leaves(value)) == 1:
+      return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+    # A structured value (a quantized weight's codes and scales) names the axes of its 2-D
+    # `[d_in, d_out]` view: 2-D leaves take both, 1-D leaves (per-column scales) the last.
+    def leaf(x):
+      leaf_axes = None if axes is None else tuple(axes[-x.ndim:]) if x.ndim <= len(axes) \
+          else None
+      return NamedSharding(mesh, logical_to_spec(leaf_axes, x.shape, mesh, rules))
+    return v.replace(jax.tree.map(leaf, value))
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

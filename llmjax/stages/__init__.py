@@ -55,13 +55,17 @@ def _check_required(obj: Any, path: str) -> None:
 
 
 def run_stages(stages: list[Any], ctx: RunContext) -> RunContext:
-  """Runs the stages in order, each starting from the previous one's parameters."""
+  """Runs the stages in order; each finished stage's model is kept under its name.
+
+  Stages may differ in model shape (a teacher and its student, a reward head): each checks
+  the model it starts from against its own config.
+  """
+  if ctx.is_chief:
+    from llmjax.runs.load import record_stages
+    record_stages(ctx.workdir, [stage.name for stage in stages])
   for stage in stages:
-    if ctx.model_cfg is not None and ctx.model_cfg.shape_dict() != stage.model.shape_dict():
-      raise ConfigError(f"stage {stage.name!r} has a different model config than the stage "
-                        "before it; stages of one pipeline share one model")
     result = stage.run(ctx)
-    ctx.params, ctx.model_cfg = result.params, stage.model
+    ctx.finish(stage.name, result.graphdef, result.params, stage.model, result.step)
     if not result.finished:
       break
   return ctx

@@ -1,4 +1,4 @@
-"""What one stage hands the next: the run's workdir, its tokenizer, the latest parameters."""
+"""What the stages of one run share: the workdir, the tokenizer, and each finished stage's model."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from absl import logging
 
 from llmjax.data.hf_tokenizer import load_tokenizer
 from llmjax.data.tokenizer import Tokenizer, check_fits_model, train_tokenizer
+from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -34,40 +35,102 @@ class TokenizerConfig:
 
 
 @dataclasses.dataclass
+class StageOutput:
+  """A finished stage's model, kept by the pipeline under the stage's name.
+
+  `params` is the whole state (a LoRA stage's base and adapters); `source` says where its
+  checkpoint lives, and is what a stage trained on it records as its base.
+  """
+  graphdef: Any
+  params: Any
+  model_cfg: ModelConfig
+  source: dict[str, Any]
+
+  def float_params(self) -> Any:
+    """The parameters of a plain float model (LoRA adapters merged)."""
+    from llmjax.runs.load import merged_params
+    return merged_params(self.graphdef, self.params)
+
+
+@dataclasses.dataclass
 class RunContext:
   """Shared by the stages of one `llmjax-train` run."""
   workdir: str
   stop_after: int | None = None  # stop every stage at this step (tests, preemption drills)
-  params: Any = None  # the previous stage's final parameters
-  model_cfg: ModelConfig | None = None  # ... and the config they belong to
+  outputs: dict[str, StageOutput] = dataclasses.field(default_factory=dict)
+  last_stage: str | None = None  # the most recently finished stage
   tokenizer: Tokenizer | None = None
   mesh: Any = None  # jax.sharding.Mesh over all devices; None: data parallel over all
   rules: str | None = None  # name of the logical-axis rule set (llmjax.parallel.mesh)
 
   def loop_kwargs(self) -> dict[str, Any]:
     """What every stage passes to `llmjax.train.loop.train` from the run itself."""
-    return {"workdir": self.workdir, "initial_params": self.params,
-            "stop_after": self.stop_after, "mesh": self.mesh, "rules": self.rules}
+    return {"workdir": self.workdir, "stop_after": self.stop_after, "mesh": self.mesh,
+            "rules": self.rules}
 
   @property
   def is_chief(self) -> bool:
     return jax.process_index() == 0
 
-  def start_from(self, init_from: str | None, model_cfg: ModelConfig) -> None:
-    """Takes initial parameters (and tokenizer) from another run or an HF import.
+  def resolve(self, source: str, what: str) -> StageOutput:
+    """The model `source` names: a finished stage of this run by name (`'sft'`), or another
+    workdir or `llmjax-import` (`'runs/big'`, or `'runs/big:sft'` for one of its stages).
 
-    Applies only when no earlier stage of this run produced parameters; a stage that has its
-    own checkpoint resumes from that instead.
+    `what` (e.g. "sft.init_from") names the setting in errors.
     """
-    if self.params is not None or not init_from:
-      return
-    from llmjax.checkpoint import check_same_model, load_run
-    loaded = load_run(init_from)
-    check_same_model(dataclasses.asdict(loaded.model_cfg), model_cfg, init_from)
-    self.params, self.model_cfg = loaded.params, loaded.model_cfg
+    if source in self.outputs:
+      return self.outputs[source]
+    from llmjax.runs.load import load_run
+    path, _, stage = source.partition(":") if not os.path.isdir(source) else (source, "", "")
+    if not os.path.isdir(path):
+      raise ConfigError(f"{what} = {source!r} is neither a finished stage of this run "
+                        f"({sorted(self.outputs) or 'none yet'}) nor a workdir")
+    loaded = load_run(path, stage or None)
     if self.tokenizer is None:
       self.tokenizer = loaded.tokenizer
-    logging.info("Starting from %s (stage %s, step %d)", init_from, loaded.stage, loaded.step)
+    logging.info("%s: %s (stage %s, step %d)", what, source, loaded.stage, loaded.step)
+    return StageOutput(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.source)
+
+  def start(self, init_from: str | None, model_cfg: ModelConfig,
+            what: str) -> StageOutput | None:
+    """Where a stage starts: `init_from` when set, else the stage before it in this run
+    (None for the first stage: a random init). The model shapes must match."""
+    if init_from:
+      start = self.resolve(init_from, what)
+    elif self.last_stage is not None:
+      start = self.outputs[self.last_stage]
+    else:
+      return None
+    from llmjax.checkpoint import check_same_model
+    check_same_model(dataclasses.asdict(start.model_cfg), model_cfg,
+                     f"{what} ({start.source['workdir']}, stage {start.source['stage']})")
+    return start
+
+  def policy(self, what: str, model_cfg: ModelConfig, init_from: str | None,
+             lora_cfg: Any = None, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """(the stage's policy `Role`, what its checkpoint meta records about its start).
+
+    `what` is the stage's name. With `lora_cfg` the start is the frozen base and the
+    checkpoints hold the adapters alone; their meta names the base, so loading, resuming
+    and export find it.
+    """
+    from llmjax.train.roles import policy_role
+    start = self.start(init_from, model_cfg, f"{what}.init_from")
+    if lora_cfg is not None and start is None:
+      raise ConfigError(f"{what}.lora is set but {what} has no base model to adapt: run it "
+                        f"after a stage that trains one, or set {what}.init_from to a run or "
+                        "an llmjax-import")
+    role = policy_role(model_cfg, start.float_params() if start else None, lora_cfg, seed)
+    meta = {"lora": lora_cfg.to_dict(), "base": start.source} if lora_cfg is not None else {}
+    return role, meta
+
+  def finish(self, name: str, graphdef: Any, params: Any, model_cfg: ModelConfig,
+             step: int) -> None:
+    """Keeps a finished stage's model under its name for the stages after it."""
+    self.outputs[name] = StageOutput(graphdef, params, model_cfg,
+                                     {"workdir": os.path.abspath(self.workdir), "stage": name,
+                                      "step": step})
+    self.last_stage = name
 
   def ensure_tokenizer(self, cfg: TokenizerConfig, documents: Any,
                        model_cfg: ModelConfig) -> Tokenizer:

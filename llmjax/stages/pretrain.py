@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import gin
 import jax
@@ -11,9 +10,10 @@ import jax
 from llmjax import metrics as metrics_lib
 from llmjax.data import pipeline
 from llmjax.model.config import ModelConfig
+from llmjax.model.lora import LoraConfig
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop
-from llmjax.train.losses import lm_loss
+from llmjax.train.losses import lm_objective
 from llmjax.train.optimizer import OptimizerConfig
 
 
@@ -26,9 +26,11 @@ class Pretrain:
   optimizer: OptimizerConfig
   tokenizer: TokenizerConfig
   init_from: str | None = None
+  lora: LoraConfig | None = None
 
   def run(self, ctx: RunContext) -> loop.TrainResult:
-    ctx.start_from(self.init_from, self.model)
+    policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
+                                    self.train.seed)
     train_docs, eval_docs = pipeline.document_sources(self.data)
     tokenizer = ctx.ensure_tokenizer(self.tokenizer, train_docs, self.model)
     pid, nproc = jax.process_index(), jax.process_count()
@@ -38,11 +40,12 @@ class Pretrain:
                                        enabled=ctx.is_chief)
     try:
       writer.write(0, {"unigram_loss": metrics_lib.unigram_loss(eval_data)}, kind="baseline")
-      return loop.train(stage=self.name, model_cfg=self.model,
-                        loss_fn=functools.partial(lm_loss, chunk_size=self.train.loss_chunk_size),
+      return loop.train(stage=self.name, policy=policy,
+                        loss_fn=lm_objective(self.train.loss_chunk_size),
                         train_data=train_ds, eval_data=eval_data, train_cfg=self.train,
                         opt_cfg=self.optimizer, writer=writer,
-                        meta={"tokenizer": ctx.tokenizer_file()}, **ctx.loop_kwargs())
+                        meta={"tokenizer": ctx.tokenizer_file(), **start_meta},
+                        **ctx.loop_kwargs())
     finally:
       writer.close()
 
@@ -53,10 +56,13 @@ def pretrain_stage(model: ModelConfig = gin.REQUIRED,
                    train: loop.TrainConfig = gin.REQUIRED,
                    optimizer: OptimizerConfig = OptimizerConfig(),
                    tokenizer: TokenizerConfig = TokenizerConfig(),
-                   init_from: str | None = None) -> Pretrain:
+                   init_from: str | None = None,
+                   lora: LoraConfig | None = None) -> Pretrain:
   """The pretraining stage as configured in gin (`pretrain.model = @model_config()`, ...).
 
-  `init_from`: a workdir (a run, or an `llmjax-import` of an HF model) whose newest
-  checkpoint gives the starting parameters and tokenizer, e.g. to continue pretraining.
+  `init_from`: where to start (default: the previous stage of this run, or a random init
+  when pretraining comes first): an earlier stage's name, or a workdir (a run, or an
+  `llmjax-import` of an HF model; `'dir:stage'` picks one of its stages), e.g. to continue
+  pretraining. `lora`: continue pretraining with LoRA adapters on that start.
   """
-  return Pretrain(model, data, train, optimizer, tokenizer, init_from)
+  return Pretrain(model, data, train, optimizer, tokenizer, init_from, lora)

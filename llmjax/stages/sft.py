@@ -10,7 +10,6 @@ answers to held-out questions and logs their exact-match accuracy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import gin
@@ -22,10 +21,11 @@ from llmjax import metrics as metrics_lib
 from llmjax.data import chat, instructions
 from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
+from llmjax.model.lora import LoraConfig
 from llmjax.sample.sampler import Sampler
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop
-from llmjax.train.losses import lm_loss
+from llmjax.train.losses import lm_objective
 from llmjax.train.optimizer import OptimizerConfig
 
 
@@ -59,10 +59,12 @@ class SFT:
   init_from: str | None = None
   eval_questions: int = 200  # held-out questions answered per evaluation (0: none)
   eval_max_new_tokens: int = 16
+  lora: LoraConfig | None = None
 
   def run(self, ctx: RunContext) -> loop.TrainResult:
     chat.get_template(self.chat_template)  # a bad name fails before any data is read
-    ctx.start_from(self.init_from, self.model)
+    policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
+                                    self.train.seed)
     train_convs, eval_convs, skipped = instructions.conversations(self.data)
     tokenizer = self._tokenizer(ctx, train_convs)
     seq, rule = self.data.seq_len, self.data.overlong
@@ -88,10 +90,10 @@ class SFT:
     try:
       writer.write(0, counts, kind="data")
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": self.chat_template,
-              "chat_template": chat.chat_template_jinja(self.chat_template)}
+              "chat_template": chat.chat_template_jinja(self.chat_template), **start_meta}
       # The loss mask is the assistant-token mask, so the pretraining loss is the SFT loss.
-      return loop.train(stage=self.name, model_cfg=self.model,
-                        loss_fn=functools.partial(lm_loss, chunk_size=self.train.loss_chunk_size),
+      return loop.train(stage=self.name, policy=policy,
+                        loss_fn=lm_objective(self.train.loss_chunk_size),
                         train_data=train_ds, eval_data=eval_data, train_cfg=self.train,
                         opt_cfg=self.optimizer, writer=writer, meta=meta,
                         extra_eval=extra_eval if items else None, **ctx.loop_kwargs())
@@ -99,7 +101,8 @@ class SFT:
       writer.close()
 
   def _tokenizer(self, ctx: RunContext, convs: list) -> Any:
-    if ctx.tokenizer is None and ctx.params is not None and not self.tokenizer.path:
+    if (ctx.tokenizer is None and (ctx.last_stage or self.init_from)
+        and not self.tokenizer.path):
       raise ConfigError("sft starts from parameters without a tokenizer: set "
                         "TokenizerConfig.path to the tokenizer the model was trained with")
     texts = [chat.render_text(c, self.chat_template) for c in convs]
@@ -117,12 +120,16 @@ def sft_stage(model: ModelConfig = gin.REQUIRED,
               chat_template: str = "chatml",
               init_from: str | None = None,
               eval_questions: int = 200,
-              eval_max_new_tokens: int = 16) -> SFT:
+              eval_max_new_tokens: int = 16,
+              lora: LoraConfig | None = None) -> SFT:
   """The SFT stage as configured in gin (`sft.data = @SFTDataConfig()`, ...).
 
-  `chat_template`: 'chatml' (Qwen) or 'llama3'. `init_from`: a workdir (a run, or an
-  `llmjax-import` output) to start from when no earlier stage of this run produced parameters.
+  `chat_template`: 'chatml' (Qwen) or 'llama3'. `init_from`: where to start (default: the
+  previous stage of this run): an earlier stage's name, or a workdir (a run, or an
+  `llmjax-import` output; `'dir:stage'` picks one of its stages). `lora`: train LoRA
+  adapters (`@LoraConfig()`; QLoRA with `LoraConfig.quantize_base = @QuantConfig()`) on
+  that start instead of every weight.
   """
   chat.get_template(chat_template)
   return SFT(model, data, train, optimizer, tokenizer, chat_template, init_from,
-             eval_questions, eval_max_new_tokens)
+             eval_questions, eval_max_new_tokens, lora)

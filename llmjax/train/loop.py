@@ -1,9 +1,11 @@
 """The one training loop every stage runs: step, log, evaluate, checkpoint, resume, stop.
 
-A stage supplies a pure loss function `loss_fn(model, batch) -> (loss_sum, weight_sum)` and
-its data; the loop owns everything else. The jitted step is a pure function of arrays: the
-model is split once (`nnx.split`) into a static graph and a parameter tree, and merged back
-inside the step.
+A stage hands the loop its models by role (`roles.Role`: how to build each one, from which
+arrays, and which variables train), a pure loss function over them and its data; the loop
+owns everything else. The jitted step is a pure function of arrays: each model is split once
+(`nnx.split`) into a static graph, its trainable state (in the donated train state, with
+optimizer state) and its frozen state (a separate, non-donated argument), and merged back
+inside the step. Only trainable state is checkpointed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import gin
 import jax
@@ -24,14 +26,22 @@ from jax.sharding import Mesh
 
 from llmjax import checkpoint as ckpt_lib
 from llmjax import metrics as metrics_lib
-from llmjax.errors import ConfigError, TrainingDivergedError
+from llmjax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from llmjax.model import lora
 from llmjax.model.config import ModelConfig
 from llmjax.model.transformer import build_model
 from llmjax.parallel import mesh as mesh_lib
-from llmjax.train.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
+from llmjax.train import roles as roles_lib
+from llmjax.train.optimizer import (OptimizerConfig, build_optimizer, decay_mask,
+                                    learning_rate_schedule)
 
-LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-# Stage-specific eval metrics (e.g. SFT exact match): (graphdef, params, step) -> metrics.
+# `loss_fn(model, roles, batch) -> (loss_sum, weight_sum, aux)`: `model` is the policy,
+# `roles` maps every other role's name to its model, `aux` maps a metric name to a
+# (sum, count) pair. Sums, not means: microbatches and hosts add up exactly.
+LossOutput = tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]
+LossFn = Callable[[nnx.Module, Mapping[str, Any], dict[str, jax.Array]], LossOutput]
+# Stage-specific eval metrics (e.g. SFT exact match): (graphdef, params, step) -> metrics,
+# with the policy's whole state (trainable and frozen parts).
 ExtraEval = Callable[[nnx.GraphDef, nnx.State, int], dict[str, float]]
 
 
@@ -68,73 +78,122 @@ def init_params(model_cfg: ModelConfig, seed: int,
   return graphdef, params
 
 
-def init_train_state(params: nnx.State, tx: optax.GradientTransformation,
+def init_train_state(trainables: Mapping[str, nnx.State], tx: optax.GradientTransformation,
                      seed: int = 0) -> dict[str, Any]:
-  """The state the train step carries: params, optimizer state, step, RNG, divergence mark."""
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.key_data(jax.random.key(seed)),
-          "first_bad_step": jnp.full((), -1, jnp.int32)}
+  """The state the train step carries and checkpoints.
+
+  `params` is the policy's trainable state (what a checkpoint's params item holds: all of a
+  full fine-tune, the adapters of a LoRA run); `role_params` the other trainable roles'
+  (e.g. `value`), present only when there are some; then the optimizer state over all of
+  them, the step, the RNG (advanced every step) and the divergence mark.
+  """
+  others = {k: v for k, v in trainables.items() if k != roles_lib.POLICY}
+  state = {"params": trainables[roles_lib.POLICY], "opt_state": tx.init(dict(trainables)),
+           "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.key_data(jax.random.key(seed)),
+           "first_bad_step": jnp.full((), -1, jnp.int32)}
+  if others:
+    state["role_params"] = others
+  return state
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+def _trainables(state: dict[str, Any]) -> dict[str, nnx.State]:
+  return {roles_lib.POLICY: state["params"], **state.get("role_params", {})}
+
+
+def _models(graphdefs, trainables, frozen) -> dict[str, nnx.Module]:
+  return {name: nnx.merge(gd, trainables[name], frozen[name]) if name in trainables
+          else nnx.merge(gd, frozen[name]) for name, gd in graphdefs.items()}
+
+
+def _call_loss(loss_fn: LossFn, models: dict[str, nnx.Module], batch) -> LossOutput:
+  others = {k: v for k, v in models.items() if k != roles_lib.POLICY}
+  out = loss_fn(models[roles_lib.POLICY], others, batch)
+  if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict)):
+    raise TypeError("a loss function returns (loss_sum, weight_sum, aux) with aux a dict of "
+                    f"name -> (sum, count); got {type(out).__name__}")
+  for name, pair in out[2].items():
+    if not (isinstance(pair, tuple) and len(pair) == 2):
+      raise TypeError(f"aux metric {name!r} must be a (sum, count) pair of scalars")
+  return out
+
+
+def _aux_means(aux: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
+  return {name: jnp.where(c > 0, s / jnp.where(c > 0, c, 1.0), jnp.nan)
+          for name, (s, c) in aux.items()}
+
+
+def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTransformation,
                     schedule: optax.Schedule, loss_fn: LossFn, grad_accum_steps: int):
-  """`step(state, batch) -> (state, metrics)`; batch arrays are `[batch, seq]`.
+  """`step(state, frozen, batch) -> (state, metrics)`; batch arrays are `[batch, ...]`.
 
-  Gradients of microbatches are summed and divided by the total target count, so the update
-  equals the full-batch update exactly. A step whose loss or gradient is not finite leaves
-  the state untouched and records its number in `state['first_bad_step']`; so does a step
-  whose update is not finite (an optimizer that diverged).
+  `graphdefs` and `frozen` are keyed by role; `frozen[role]` is the role's non-trainable
+  state (a LoRA base, a reference model), read but never updated. Gradients of microbatches
+  are summed and divided by the total weight, so the update equals the full-batch update
+  exactly; aux (sum, count) pairs add up the same way and are logged as sum / count. A step
+  whose loss, gradient or update is not finite leaves the state untouched and records its
+  number in `state['first_bad_step']`.
   """
 
-  def grads_of(params, micro):
-    def f(p):
-      loss_sum, count = loss_fn(nnx.merge(graphdef, p), micro)
-      return loss_sum, count
-    (loss_sum, count), grads = jax.value_and_grad(f, has_aux=True)(params)
-    return loss_sum, count, grads
+  def sums_of(trainables, frozen, micro, key):
+    def f(t):
+      with lora.dropout_key(key):
+        loss_sum, count, aux = _call_loss(loss_fn, _models(graphdefs, t, frozen), micro)
+      return loss_sum, (count, aux)
+    (loss_sum, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(trainables)
+    return loss_sum, count, aux, grads
 
-  def step(state, batch):
-    params = state["params"]
+  def step(state, frozen, batch):
+    trainables = _trainables(state)
     # Microbatch a takes rows a, a+A, a+2A, ...: each device keeps its own rows, where a
     # contiguous split would move rows between devices of a batch-sharded mesh.
     micro = jax.tree.map(
         lambda x: x.reshape((-1, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    keys = jax.random.split(step_key, grad_accum_steps)
 
-    def accumulate(carry, mb):
-      loss_sum, count, grads = grads_of(params, mb)
-      return jax.tree.map(jnp.add, carry, (loss_sum, count, grads)), None
+    def accumulate(carry, xs):
+      mb, key = xs
+      return jax.tree.map(jnp.add, carry, sums_of(trainables, frozen, mb, key)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(sums_of, trainables, frozen, first, keys[0])
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if a.ndim == 0 else a.dtype),
+                         shapes)
+    (loss_sum, count, aux, grads), _ = jax.lax.scan(accumulate, zeros, (micro, keys))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     loss = loss_sum / count
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainables)
+    new_trainables = optax.apply_updates(trainables, updates)
 
     ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
           & (state["first_bad_step"] < 0))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_trainables = keep(new_trainables, trainables)
     new_state = {
-        "params": keep(new_params, params),
+        **state,
+        "params": new_trainables[roles_lib.POLICY],
         "opt_state": keep(opt_state, state["opt_state"]),
         "step": state["step"] + 1,
-        "rng": state["rng"],
+        "rng": jax.random.key_data(next_key),
         "first_bad_step": jnp.where(ok | (state["first_bad_step"] >= 0),
                                     state["first_bad_step"], state["step"] + 1),
     }
+    if "role_params" in state:
+      new_state["role_params"] = {k: new_trainables[k] for k in state["role_params"]}
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
-               "target_tokens": count}
+               "target_tokens": count, **_aux_means(aux)}
     return new_state, metrics
 
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn):
-  def eval_step(params, batch):
-    return loss_fn(nnx.merge(graphdef, params), batch)
+def make_eval_step(graphdefs: Mapping[str, nnx.GraphDef], loss_fn: LossFn):
+  """`eval_step(trainables, frozen, batch) -> (loss_sum, weight_sum, aux)`, no dropout."""
+  def eval_step(trainables, frozen, batch):
+    return _call_loss(loss_fn, _models(graphdefs, trainables, frozen), batch)
   return eval_step
 
 
@@ -163,25 +222,73 @@ class _StopRequest:
 
 @dataclasses.dataclass
 class TrainResult:
-  graphdef: nnx.GraphDef
-  params: nnx.State
+  graphdef: nnx.GraphDef  # the policy's
+  params: nnx.State  # the policy's whole state: trainable and frozen parts
   step: int
   finished: bool  # False when stopped early (stop_after, SIGTERM)
 
 
-def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
+@dataclasses.dataclass
+class PolicyView:
+  """What a `BatchSource` sees of the model being trained when it makes the next batch."""
+  graphdef: nnx.GraphDef
+  params: nnx.State  # whole state, as in TrainResult
+  step: int  # the step the batch is for (0-based)
+
+
+class BatchSource:
+  """Batches that depend on the current parameters (RL rollouts), with checkpointed state.
+
+  The loop calls `next_batch(view)` before every step. `get_state`/`set_state` (bytes) are
+  saved with each checkpoint and restored on resume, as the grain iterator's position is,
+  so a run whose batches are sampled from the policy resumes exactly like pretraining.
+  Derive randomness from the state (e.g. `fold_in(key(seed), step)`), not from a global RNG.
+  """
+
+  def next_batch(self, view: PolicyView) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def get_state(self) -> bytes:
+    raise NotImplementedError
+
+  def set_state(self, state: bytes) -> None:
+    raise NotImplementedError
+
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore; nothing to prefetch here."""
+
+
+def _place_role(role: roles_lib.Role, mesh: Mesh, rules: mesh_lib.Rules):
+  """(graphdef, trainable state, frozen state, and their shardings) of one role, built by
+  one jitted call straight into its shardings."""
+  def split(init):
+    _, trainable, frozen = nnx.split(role.build(init), role.trainable, ...)
+    return trainable, frozen
+  graphdef, abstract_t, abstract_f = nnx.split(
+      nnx.eval_shape(lambda: role.build(role.init)), role.trainable, ...)
+  shard_t = mesh_lib.param_shardings(abstract_t, mesh, rules)
+  shard_f = mesh_lib.param_shardings(abstract_f, mesh, rules)
+  trainable, frozen = jax.jit(split, out_shardings=(shard_t, shard_f))(role.init)
+  return graphdef, trainable, frozen, shard_t, shard_f
+
+
+def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           train_data: Any, eval_data: list[dict[str, np.ndarray]], train_cfg: TrainConfig,
           opt_cfg: OptimizerConfig, writer: metrics_lib.MetricsWriter,
-          initial_params: nnx.State | None = None, meta: dict[str, Any] | None = None,
-          stop_after: int | None = None, mesh: Mesh | None = None,
-          rules: str | None = None, extra_eval: ExtraEval | None = None) -> TrainResult:
+          roles: Mapping[str, roles_lib.Role] | None = None,
+          meta: dict[str, Any] | None = None, stop_after: int | None = None,
+          mesh: Mesh | None = None, rules: str | None = None,
+          extra_eval: ExtraEval | None = None) -> TrainResult:
   """Trains `stage` to `train_cfg.total_steps`, resuming from its latest checkpoint.
 
   Args:
-    train_data: a grain IterDataset of numpy batches `[batch, seq]`.
+    policy: the model being trained (`roles.policy_role`): how to build it, from what, and
+      which of its variables train.
+    roles: other models the loss reads, by role name (`reference`, `reward`, `teacher`,
+      or a trainable `value`); each is placed on the mesh by the same rules.
+    train_data: a grain IterDataset of numpy batches `[batch, ...]`, or a `BatchSource`
+      driven by the current parameters.
     eval_data: fixed held-out batches, evaluated every `eval_every` steps and at the end.
-    initial_params: start from these (e.g. the previous stage's) instead of a random init,
-      unless the stage already has a checkpoint to resume.
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would.
     mesh, rules: the device mesh and the name of the logical-axis rule set
       (`llmjax.parallel.mesh.RULE_SETS`); default: data parallel over all devices.
@@ -189,32 +296,46 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
   """
   mesh = mesh or mesh_lib.make_mesh(mesh_lib.MeshConfig())
   rules = mesh_lib.RULE_SETS[rules or "fsdp_tensor"]
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, train_cfg.seed)))
-  p_shard = mesh_lib.param_shardings(abstract, mesh, rules)
+  all_roles = {roles_lib.POLICY: policy, **(roles or {})}
+  graphdefs, trainables, frozen, t_shard, f_shard = {}, {}, {}, {}, {}
+  for name, role in all_roles.items():
+    graphdefs[name], t, frozen[name], ts, f_shard[name] = _place_role(role, mesh, rules)
+    if jax.tree.leaves(t) or name == roles_lib.POLICY:
+      trainables[name], t_shard[name] = t, ts
+  if not jax.tree.leaves(trainables[roles_lib.POLICY]):
+    raise ConfigError(f"{stage}: the policy has no trainable variables (its filter "
+                      f"{policy.trainable!r} selects none)")
+  model_cfg = policy.config
   rep = mesh_lib.replicated(mesh)
   batch_shard = mesh_lib.batch_sharding(mesh, rules)
-  if initial_params is None:
-    params = init_params(model_cfg, train_cfg.seed, p_shard)[1]
-  else:
-    params = jax.jit(lambda p: p, out_shardings=p_shard)(initial_params)
-  tx = build_optimizer(opt_cfg, train_cfg.total_steps)
+  decay = decay_mask(trainables, opt_cfg)
+  tx = build_optimizer(opt_cfg, train_cfg.total_steps, decay)
   schedule = learning_rate_schedule(opt_cfg, train_cfg.total_steps)
-  opt_shard = mesh_lib.like_params_shardings(jax.eval_shape(tx.init, params), params, p_shard,
-                                             mesh)
-  state_shard = {"params": p_shard, "opt_state": opt_shard, "step": rep, "rng": rep,
-                 "first_bad_step": rep}
-  state = jax.jit(lambda p: init_train_state(p, tx, train_cfg.seed),
-                  out_shardings=state_shard)(params)
+  opt_shard = mesh_lib.like_params_shardings(jax.eval_shape(tx.init, trainables), trainables,
+                                             t_shard, mesh)
+  state_shard = {"params": t_shard[roles_lib.POLICY], "opt_state": opt_shard, "step": rep,
+                 "rng": rep, "first_bad_step": rep}
+  if len(trainables) > 1:
+    state_shard["role_params"] = {k: v for k, v in t_shard.items() if k != roles_lib.POLICY}
+  state = jax.jit(lambda t: init_train_state(t, tx, train_cfg.seed),
+                  out_shardings=state_shard)(trainables)
+  del trainables  # the state holds them now (and is donated to the step)
 
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints/{stage}",
                                        every=train_cfg.checkpoint_every,
                                        keep=train_cfg.keep_checkpoints)
-  data_iter = iter(train_data)
+  param_driven = isinstance(train_data, BatchSource)
+  data_iter = train_data if param_driven else iter(train_data)
   meta = {"stage": stage, "model": dataclasses.asdict(model_cfg), **(meta or {})}
   latest = checkpointer.latest_step()
   if latest is not None:
-    ckpt_lib.check_same_model(checkpointer.read_meta(latest)["model"], model_cfg,
-                              checkpointer.directory)
+    saved = checkpointer.read_meta(latest)
+    ckpt_lib.check_same_model(saved["model"], model_cfg, checkpointer.directory)
+    if saved.get("base") != meta.get("base"):
+      raise CheckpointError(
+          f"{checkpointer.directory} holds adapters trained on {saved.get('base')}, but this "
+          f"run now starts from {meta.get('base')}: use a new --workdir, or start from the "
+          "same base")
     # Restores into this run's shardings, whatever mesh or process count wrote it.
     state = checkpointer.restore(latest, ckpt_lib.abstract_like(state), data_iter)
     logging.info("Resumed %s from step %d in %s", stage, latest, checkpointer.directory)
@@ -227,22 +348,28 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
 
   step_fn = jax.jit(
       with_activation_sharding(
-          make_train_step(graphdef, tx, schedule, loss_fn, train_cfg.grad_accum_steps)),
-      in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
+          make_train_step(graphdefs, tx, schedule, loss_fn, train_cfg.grad_accum_steps)),
+      in_shardings=(state_shard, f_shard, batch_shard), out_shardings=(state_shard, rep),
       donate_argnums=0)
-  eval_fn = jax.jit(with_activation_sharding(make_eval_step(graphdef, loss_fn)),
-                    in_shardings=(p_shard, batch_shard), out_shardings=rep)
+  eval_fn = jax.jit(with_activation_sharding(make_eval_step(graphdefs, loss_fn)),
+                    in_shardings=(t_shard, f_shard, batch_shard), out_shardings=rep)
   to_device = lambda batch: mesh_lib.host_batch_to_global(batch, batch_shard)
 
+  def policy_state() -> nnx.State:
+    return nnx.merge_state(state["params"], frozen[roles_lib.POLICY])
+
   def evaluate(step: int) -> None:
-    loss_sum = count = 0.0
+    sums: dict[str, list[float]] = {}
     for batch in eval_data:
-      s, c = eval_fn(state["params"], to_device(batch))
-      loss_sum, count = loss_sum + float(s), count + float(c)
-    loss = loss_sum / max(count, 1.0)
-    record = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+      loss_sum, count, aux = eval_fn(_trainables(state), frozen, to_device(batch))
+      for name, (s_, c_) in {"loss": (loss_sum, count), **aux}.items():
+        acc = sums.setdefault(name, [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + float(s_), acc[1] + float(c_)
+    record = {name: s_ / c_ if c_ > 0 else float("nan") for name, (s_, c_) in sums.items()}
+    if "loss" in record:
+      record["perplexity"] = float(np.exp(min(record["loss"], 50.0)))
     if extra_eval is not None:
-      record.update(extra_eval(graphdef, state["params"], step))
+      record.update(extra_eval(graphdefs[roles_lib.POLICY], policy_state(), step))
     writer.write(step, record, kind="eval")
 
   def save(step: int) -> None:
@@ -255,15 +382,20 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
   timer_start, timer_step = time.time(), step
   with _StopRequest() as stop:
     while step < train_cfg.total_steps:
-      batch = next(data_iter)
-      if batch["tokens"].shape[0] % train_cfg.grad_accum_steps:
-        raise ConfigError(f"the batch of {batch['tokens'].shape[0]} rows is not divisible by "
+      if param_driven:
+        batch = data_iter.next_batch(PolicyView(graphdefs[roles_lib.POLICY], policy_state(),
+                                                step))
+      else:
+        batch = next(data_iter)
+      rows = len(next(iter(batch.values())))
+      if rows % train_cfg.grad_accum_steps:
+        raise ConfigError(f"the batch of {rows} rows is not divisible by "
                           f"TrainConfig.grad_accum_steps={train_cfg.grad_accum_steps}")
-      if seq_len is None:
+      if seq_len is None and "tokens" in batch:
         seq_len = batch["tokens"].shape[1]
         flops_per_token = metrics_lib.flops_per_token(model_cfg, seq_len)
-      tokens_per_step = batch["tokens"].size * jax.process_count()
-      state, step_metrics = step_fn(state, to_device(batch))
+      tokens_per_step = batch["tokens"].size * jax.process_count() if "tokens" in batch else 0
+      state, step_metrics = step_fn(state, frozen, to_device(batch))
       step += 1
       if step == first_step + 1:  # keep the first step's compile out of tokens/s
         jax.block_until_ready(state)
@@ -285,7 +417,7 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
         jax.block_until_ready(state)
         elapsed = time.time() - timer_start
         timed_steps = step - timer_step - (1 if timer_step == first_step else 0)
-        if timed_steps > 0:
+        if timed_steps > 0 and tokens_per_step:
           tps = tokens_per_step * timed_steps / max(elapsed, 1e-9)
           m["tokens_per_sec"] = tps
           if peak:
@@ -300,5 +432,5 @@ def train(*, stage: str, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn,
         break
   checkpointer.wait()
   checkpointer.close()
-  return TrainResult(graphdef=graphdef, params=state["params"], step=step,
+  return TrainResult(graphdef=graphdefs[roles_lib.POLICY], params=policy_state(), step=step,
                      finished=step >= train_cfg.total_steps)

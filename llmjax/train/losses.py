@@ -96,3 +96,12 @@ def lm_loss(model, batch: dict[str, jax.Array],
   (loss_sum, count), _ = jax.lax.scan(body, (zero, zero),
                                       (split(hidden), split(batch["targets"]), split(weights)))
   return loss_sum, count
+
+
+def lm_objective(chunk_size: int = 0):
+  """`lm_loss` as a train-loop loss function: `(model, roles, batch) -> (sum, count, {})`."""
+  def loss_fn(model, roles, batch):
+    del roles  # the next-token loss reads the policy alone
+    loss_sum, count = lm_loss(model, batch, chunk_size)
+    return loss_sum, count, {}
+  return loss_fn

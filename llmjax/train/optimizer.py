@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import gin
 import jax
@@ -23,6 +24,10 @@ class OptimizerConfig:
   b2: float = 0.95
   eps: float = 1e-8
   grad_clip_norm: float | None = 1.0
+  # Decay the token embedding (and a tied output head with it). Norm scales and biases are
+  # never decayed; LoRA's A and B are decayed like any other weight matrix, as peft + the HF
+  # Trainer do (set weight_decay = 0.0 for the common LoRA recipes that do not).
+  decay_embeddings: bool = True
 
   def __post_init__(self):
     if self.learning_rate <= 0:
@@ -39,15 +44,36 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def _decay_mask(params):
-  # Norm scales and biases are not decayed: shrinking them toward 0 has no regularizing use.
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(trainables: Any, cfg: OptimizerConfig) -> Any:
+  """A tree of bools shaped like `trainables` (nnx states): True where AdamW decays.
+
+  Decided by name and logical axes, not by rank: Qwen2's q/k/v biases are `[heads,
+  head_dim]`, two-dimensional like a weight, and must not shrink toward zero.
+  """
+  from flax import nnx
+
+  def decays(path, v) -> bool:
+    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+    axes = v.get_metadata().get("logical_axes") or ()
+    if name.endswith("bias") or "norm" in axes:
+      return False
+    if name == "embed" and not cfg.decay_embeddings:
+      return False
+    return True
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: v.replace(decays(path, v)), trainables,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  """The optax chain: clip by global norm, then AdamW on the schedule."""
+def build_optimizer(cfg: OptimizerConfig, total_steps: int,
+                    mask: Any = None) -> optax.GradientTransformation:
+  """The optax chain: clip by global norm, then AdamW on the schedule.
+
+  `mask` (from `decay_mask`) says which parameters are decayed; None: those of rank >= 2.
+  """
+  mask = mask if mask is not None else (lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
   adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                      eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
+                      eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
   if cfg.grad_clip_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)

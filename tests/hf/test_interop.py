@@ -15,7 +15,8 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
-from llmjax.checkpoint import Checkpointer, load_run
+from llmjax.checkpoint import Checkpointer
+from llmjax.runs.load import load_run
 from llmjax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llmjax.data.tokenizer import train_tokenizer
 from llmjax.errors import CheckpointError, ConfigError
@@ -254,8 +255,8 @@ def test_tokenizer_json_import_and_init_from(llmjax_run, tmp_path, sp_tokenizer)
   assert hf_tok.chat_template == CHAT_TEMPLATE
   from llmjax.stages.context import RunContext
   ctx = RunContext(str(tmp_path / "next"))
-  ctx.start_from(str(tmp_path / "imp"), run.model_cfg)
-  assert ctx.tokenizer is not None and ctx.model_cfg == run.model_cfg
+  start = ctx.start(str(tmp_path / "imp"), run.model_cfg, "sft.init_from")
+  assert ctx.tokenizer is not None and start.model_cfg == run.model_cfg
 
 
 def test_failed_export_leaves_nothing(llmjax_run, tmp_path, monkeypatch):

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmjax.checkpoint import load_run
+from llmjax.runs.load import load_run
 from llmjax.data import pipeline
 from llmjax.errors import CheckpointError, ConfigError
 from llmjax.kernels import NF4_CODE
 from llmjax.model import quant
-from llmjax.model.quant_run import quantize_run
+from llmjax.runs import quantized
+from llmjax.runs.quantize_run import quantize_run
 from llmjax.model.transformer import project
 from tests.conftest import TEST_MODEL
 
@@ -162,7 +163,7 @@ def test_bad_quant_config_names_the_key(kwargs, message):
 def test_group_size_that_does_not_divide_a_weight_names_it():
   cfg = dataclasses.replace(TEST_MODEL, d_ff=96)  # down_proj has d_in = 96
   with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.down_proj has d_in=96"):
-    quant.quantized_abstract(cfg, quant.QuantConfig("int4", 64))
+    quantized.quantized_abstract(cfg, quant.QuantConfig("int4", 64))
 
 
 # ---- The quantized model ----
@@ -202,8 +203,8 @@ def test_quantized_logits_stay_close_to_float(run, eval_data):
 
 
 def test_int4_keeps_eval_loss_close_to_float(run, eval_data):
-  float_loss = quant.eval_loss(run.graphdef, run.params, eval_data)
-  losses = {s: quant.eval_loss(*_quantized(run, quant.QuantConfig(s, 32, "reference")),
+  float_loss = quantized.eval_loss(run.graphdef, run.params, eval_data)
+  losses = {s: quantized.eval_loss(*_quantized(run, quant.QuantConfig(s, 32, "reference")),
                                eval_data) for s in ("int8", "int4", "nf4")}
   # Measured on 2 x 8 x 128 builtin eval tokens after 100 steps (float loss ~1.65):
   # int8 -0.0002%, int4 +0.18%, nf4 +0.21% relative. The margins leave ~10x headroom.
@@ -232,11 +233,11 @@ def test_quantized_checkpoint_round_trip_is_exact(run, tmp_path, scheme, lm_head
   cfg = quant.QuantConfig(scheme, 32, "reference", quantize_lm_head=lm_head)
   graphdef, state = _quantized(run, cfg)
   meta = {"model": dataclasses.asdict(run.model_cfg), "tokenizer": None,
-          "quantization": quant.quantization_meta(cfg)}
-  quant.save_quantized(str(tmp_path), 7, state, meta)
-  loaded = quant.load_quantized(str(tmp_path), kernel="reference")
+          "quantization": quantized.quantization_meta(cfg)}
+  quantized.save_quantized(str(tmp_path), 7, state, meta)
+  loaded = quantized.load_quantized(str(tmp_path), kernel="reference")
   assert loaded.step == 7 and loaded.model_cfg == run.model_cfg
-  assert loaded.meta["quantization"] == quant.quantization_meta(cfg)
+  assert loaded.meta["quantization"] == quantized.quantization_meta(cfg)
   assert jax.tree.structure(loaded.params) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(loaded.params)):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
@@ -247,7 +248,7 @@ def test_quantized_checkpoint_round_trip_is_exact(run, tmp_path, scheme, lm_head
 
 def test_load_quantized_of_a_float_run_says_what_to_do(trained):
   with pytest.raises(CheckpointError, match="no quantized checkpoint.*llmjax-quantize"):
-    quant.load_quantized(trained)
+    quantized.load_quantized(trained)
 
 
 # ---- CLI ----
@@ -275,18 +276,18 @@ def test_cli_quantizes_saves_and_reports(trained, tmp_path):
   assert ev["batches"] == 1 and ev["target_tokens"] > 0
   assert 0 < ev["float_loss"] < 2.5 and abs(ev["relative_increase"]) < 0.02
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
-  loaded = quant.load_quantized(out, kernel="reference")
+  loaded = quantized.load_quantized(out, kernel="reference")
   assert loaded.meta["source"]["workdir"] == os.path.abspath(trained)
   # The saved checkpoint is the model the report evaluated.
   cfg = dataclasses.replace(EVAL_DATA, seq_len=64, batch_size=4, eval_batches=1)
   batches = pipeline.eval_batches(cfg, loaded.tokenizer, pipeline.document_sources(cfg)[1])
-  assert quant.eval_loss(loaded.graphdef, loaded.params, batches) == pytest.approx(
+  assert quantized.eval_loss(loaded.graphdef, loaded.params, batches) == pytest.approx(
       ev["quantized_loss"], rel=1e-5)
   # Generation and anything else that loads a run take a quantized output as it is.
-  from llmjax.checkpoint import load_run
+  from llmjax.runs.load import load_run
   as_run = load_run(out)
   assert as_run.stage == "quantized" and as_run.step == 100
-  assert quant.eval_loss(as_run.graphdef, as_run.params, batches) == pytest.approx(
+  assert quantized.eval_loss(as_run.graphdef, as_run.params, batches) == pytest.approx(
       ev["quantized_loss"], rel=1e-4)
   # Quantizing the output again is refused (it is not a float checkpoint), and so is
   # writing over an existing quantized checkpoint without --overwrite.

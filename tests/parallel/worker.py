@@ -101,8 +101,9 @@ def train(args):
   import jax
   from llmjax import metrics
   from llmjax.train import loop
-  from llmjax.train.losses import lm_loss
+  from llmjax.train.losses import lm_objective
   from llmjax.train.optimizer import OptimizerConfig
+  from llmjax.train.roles import policy_role
 
   mesh = mesh_of(args.mesh)
   n, p = jax.process_count(), jax.process_index()
@@ -111,7 +112,8 @@ def train(args):
   data = grain.MapDataset.source(local).to_iter_dataset()
   writer = metrics.MetricsWriter(args.workdir, "pretrain", STEPS, enabled=p == 0)
   result = loop.train(
-      stage="pretrain", workdir=args.workdir, model_cfg=model_cfg(), loss_fn=lm_loss,
+      stage="pretrain", workdir=args.workdir, policy=policy_role(model_cfg()),
+      loss_fn=lm_objective(),
       train_data=data, eval_data=[local[-1]],
       train_cfg=loop.TrainConfig(total_steps=STEPS, log_every=1, eval_every=STEPS,
                                  checkpoint_every=STEPS),
@@ -131,15 +133,15 @@ def restore(args):
   """Restores the run in `--workdir` onto `--mesh` in this single process."""
   import jax
   from flax import nnx
-  from llmjax import checkpoint
   from llmjax.model.transformer import build_model
   from llmjax.parallel import mesh as mesh_lib
+  from llmjax.runs.load import load_run
 
   mesh = mesh_of(args.mesh)
   abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg())))[1]
   shardings = mesh_lib.param_shardings(abstract, mesh, mesh_lib.RULE_SETS["fsdp_tensor"])
   target = mesh_lib.sharded_abstract(abstract, shardings)
-  run = checkpoint.load_run(args.workdir, abstract_params=target)
+  run = load_run(args.workdir, abstract_params=target)
   leaves = jax.tree.leaves(run.params)
   return {"params": [np.asarray(x) for x in leaves], "step": run.step,
           "specs": [str(x.sharding.spec) for x in leaves]}

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from llmjax.checkpoint import load_run
+from llmjax.runs.load import load_run
 from llmjax.data import instructions
 from llmjax.metrics import read_metrics
 from llmjax.stages import RunContext, run_stages

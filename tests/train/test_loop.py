@@ -7,16 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from llmjax import checkpoint as ckpt_lib
 from llmjax.data import pipeline
 from llmjax.errors import CheckpointError, TrainingDivergedError
 from llmjax.metrics import read_metrics
+from llmjax.runs.load import load_run
 from llmjax.stages import RunContext, run_stages
 from llmjax.stages.context import TokenizerConfig
 from llmjax.stages.pretrain import Pretrain
 from llmjax.train import loop
-from llmjax.train.losses import lm_loss
+from llmjax.train.losses import lm_loss, lm_objective
 from llmjax.train.optimizer import OptimizerConfig
 
 from tests.conftest import TEST_MODEL
@@ -38,7 +40,7 @@ def run(workdir, s, stop_after=None):
 
 
 def params_of(ctx):
-  return jax.tree.leaves(jax.device_get(ctx.params))
+  return jax.tree.leaves(jax.device_get(ctx.outputs["pretrain"].params))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_resume_after_interruption_is_exact(straight_run, tmp_path, tokenizer_pa
   _, expected = straight_run
   s = stage(tokenizer_path)
   first = run(tmp_path, s, stop_after=3)
-  assert first.params is not None
+  assert first.outputs["pretrain"].params is not None
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints/pretrain"), 1).latest_step() == 3
   resumed = params_of(run(tmp_path, s))  # a fresh process would do exactly this
   assert len(resumed) == len(expected)
@@ -84,10 +86,9 @@ def test_gradient_accumulation_equals_full_batch(tokenizer):
   batch["loss_mask"][:2, 20:] = 0
   out = []
   for accum in (1, 2, 4):
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.int32(-1)}
-    step = jax.jit(loop.make_train_step(graphdef, tx, sched, lm_loss, accum))
-    new_state, metrics = step(state, batch)
+    state = loop.init_train_state({"policy": params}, tx)
+    step = jax.jit(loop.make_train_step({"policy": graphdef}, tx, sched, lm_objective(), accum))
+    new_state, metrics = step(state, {"policy": nnx.State({})}, batch)
     out.append((float(metrics["loss"]), jax.tree.leaves(new_state["params"])))
   for loss, leaves in out[1:]:
     assert loss == pytest.approx(out[0][0], rel=1e-6)
@@ -100,18 +101,18 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tok
   import optax
   real_build = loop.build_optimizer
 
-  def nan_from_fifth_update(cfg, total_steps):
+  def nan_from_fifth_update(cfg, total_steps, mask=None):
     # An optimizer that blows up on its 5th update, as a too-high learning rate would.
     def update(updates, count, params=None):
       scale = jnp.where(count >= 4, jnp.nan, 1.0)
       return jax.tree.map(lambda u: u * scale, updates), count + 1
     poison = optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
-    return optax.chain(real_build(cfg, total_steps), poison)
+    return optax.chain(real_build(cfg, total_steps, mask), poison)
 
   monkeypatch.setattr(loop, "build_optimizer", nan_from_fifth_update)
   with pytest.raises(TrainingDivergedError, match="at step 5.*last good checkpoint is step 3"):
     run(tmp_path, stage(tokenizer_path, total_steps=8, every=3))
-  loaded = ckpt_lib.load_run(str(tmp_path))
+  loaded = load_run(str(tmp_path))
   assert loaded.step == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(loaded.params)))
 
@@ -121,13 +122,13 @@ def test_non_finite_loss_leaves_state_untouched(tokenizer):
   cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
   from llmjax.train.optimizer import build_optimizer, learning_rate_schedule
   tx = build_optimizer(cfg, 10)
-  nan_loss = lambda model, batch: (jnp.float32(jnp.nan) * lm_loss(model, batch)[0],
-                                   jnp.float32(1.0))
-  step = jax.jit(loop.make_train_step(graphdef, tx, learning_rate_schedule(cfg, 10), nan_loss, 1))
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(7),
-           "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.int32(-1)}
+  nan_loss = lambda model, roles, batch: (jnp.float32(jnp.nan) * lm_loss(model, batch)[0],
+                                          jnp.float32(1.0), {})
+  step = jax.jit(loop.make_train_step({"policy": graphdef}, tx, learning_rate_schedule(cfg, 10),
+                                      nan_loss, 1))
+  state = {**loop.init_train_state({"policy": params}, tx), "step": jnp.int32(7)}
   batch = next(iter(pipeline.train_dataset(DATA, tokenizer, pipeline.document_sources(DATA)[0])))
-  new_state, _ = step(state, batch)
+  new_state, _ = step(state, {"policy": nnx.State({})}, batch)
   assert int(new_state["first_bad_step"]) == 8
   for a, b in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
@@ -144,7 +145,7 @@ def test_interrupted_save_is_never_restored(straight_run, tmp_path):
   (partial / "params" / "manifest.ocdbt").write_bytes(b"truncated")
   assert ckpt_lib.Checkpointer(str(ckdir), 1).latest_step() == 6
   shutil.copy(workdir / "tokenizer.model", tmp_path / "tokenizer.model")
-  assert ckpt_lib.load_run(str(tmp_path), "pretrain").step == 6
+  assert load_run(str(tmp_path), "pretrain").step == 6
 
 
 def test_resuming_with_a_different_model_shape_is_refused(straight_run, tokenizer_path):
@@ -157,4 +158,4 @@ def test_resuming_with_a_different_model_shape_is_refused(straight_run, tokenize
 def test_missing_step_lists_the_saved_ones(straight_run):
   workdir, _ = straight_run
   with pytest.raises(CheckpointError, match=r"no checkpoint step 99 .*saved steps: \[3, 6\]"):
-    ckpt_lib.load_run(str(workdir), "pretrain", step=99)
+    load_run(str(workdir), "pretrain", step=99)

@@ -1,7 +1,7 @@
 """Quantize a run's checkpoint into a new workdir and report what it cost (`llmjax-quantize`).
 
 The output is a workdir of its own: `<output>/checkpoints/quantized/<step>/` (Orbax, read by
-`quant.load_quantized`), a copy of the tokenizer, and `<output>/quant_report.json`.
+`quantized.load_quantized`), a copy of the tokenizer, and `<output>/quant_report.json`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from flax import nnx
 from llmjax.data import pipeline
 from llmjax.errors import CheckpointError
 from llmjax.model import quant
+from llmjax.runs import quantized
+from llmjax.runs.load import load_run
 
 REPORT_FILE = "quant_report.json"
 
@@ -43,14 +45,13 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
       losses are compared; None skips the comparison.
     overwrite: replace an existing quantized checkpoint in `output`.
   """
-  from llmjax.checkpoint import load_run
   from llmjax.train.losses import target_weights
 
-  if os.path.isdir(os.path.join(workdir, "checkpoints", quant.QUANTIZED_STAGE)) and \
-      stage in (None, quant.QUANTIZED_STAGE):
+  if os.path.isdir(os.path.join(workdir, "checkpoints", quantized.QUANTIZED_STAGE)) and \
+      stage in (None, quantized.QUANTIZED_STAGE):
     raise CheckpointError(f"{workdir} holds a quantized checkpoint: quantize the float run "
                           f"it came from (its 'source' in {REPORT_FILE})")
-  target = os.path.join(output, "checkpoints", quant.QUANTIZED_STAGE)
+  target = os.path.join(output, "checkpoints", quantized.QUANTIZED_STAGE)
   if os.path.exists(target):
     if not overwrite:
       raise CheckpointError(f"{target} already exists: choose another --output or pass "
@@ -59,7 +60,7 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
 
   run = load_run(workdir, stage, step)
   batches = _eval_batches(run, eval_data) if eval_data else []  # fail before the work
-  graphdef_q, state_q = nnx.split(quant.quantize_model(nnx.merge(run.graphdef, run.params),
+  graphdef_q, state_q = nnx.split(quant.quantize_model(nnx.merge(run.graphdef, run.float_params()),
                                                        cfg))
   tok_file = run.meta.get("tokenizer", "tokenizer.model")
   os.makedirs(output, exist_ok=True)
@@ -67,8 +68,8 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
     shutil.copyfile(os.path.join(workdir, tok_file), os.path.join(output, tok_file))
   source = {"workdir": os.path.abspath(workdir), "stage": run.stage, "step": run.step}
   meta = {"model": dataclasses.asdict(run.model_cfg), "tokenizer": tok_file,
-          "quantization": quant.quantization_meta(cfg), "source": source}
-  path = quant.save_quantized(output, run.step, state_q, meta)
+          "quantization": quantized.quantization_meta(cfg), "source": source}
+  path = quantized.save_quantized(output, run.step, state_q, meta)
 
   before, after = quant.weight_bytes(run.params), quant.weight_bytes(state_q)
   report: dict[str, Any] = {
@@ -84,8 +85,8 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
           "compression": before["total"] / after["total"]},
   }
   if batches:
-    float_loss = quant.eval_loss(run.graphdef, run.params, batches)
-    quant_loss = quant.eval_loss(graphdef_q, state_q, batches)
+    float_loss = quantized.eval_loss(run.graphdef, run.params, batches)
+    quant_loss = quantized.eval_loss(graphdef_q, state_q, batches)
     report["eval"] = {
         "batches": len(batches),
         "target_tokens": int(sum(float(target_weights(b).sum()) for b in batches)),

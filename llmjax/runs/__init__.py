@@ -1,0 +1,1 @@
+"""Run-level jobs above the model package: loading a run's checkpoint, quantizing a run."""

@@ -1,0 +1,169 @@
+"""A run's model from its checkpoints: which stage, which step, and what kind of checkpoint.
+
+A workdir holds one checkpoint directory per stage (`checkpoints/<stage>/<step>/`) and
+`run.json`, the stages of its pipeline in order. Which stage to read is always explicit: the
+caller names it, or it is the last stage of the pipeline that has a checkpoint (never the
+directory that happens to be newest on disk).
+
+Three kinds of checkpoint load into the same `LoadedRun`:
+  float      params item = the whole model (pretrain, full fine-tuning, an HF import);
+  quantized  params item = packed weights (`llmjax-quantize`), meta['quantization'];
+  LoRA       params item = the adapters alone, meta['lora'] + meta['base'] naming the
+             checkpoint they were trained on, which is loaded first (recursively).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+from flax import nnx
+
+from llmjax.checkpoint import Checkpointer, abstract_like
+from llmjax.errors import CheckpointError
+from llmjax.model import lora
+from llmjax.model.config import ModelConfig
+
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run's parameters with everything needed to use them.
+
+  `params` is the model's whole state (a LoRA run's base and adapters together).
+  """
+  graphdef: Any
+  params: Any
+  model_cfg: ModelConfig
+  tokenizer: Any
+  stage: str
+  step: int
+  meta: dict[str, Any]
+
+  @property
+  def source(self) -> dict[str, Any]:
+    """Where this checkpoint lives: what a stage trained on it records as its base."""
+    return {"workdir": self.meta.get("workdir"), "stage": self.stage, "step": self.step}
+
+  def float_params(self) -> nnx.State:
+    """The parameters as a plain float model: LoRA adapters merged into their weights."""
+    return merged_params(self.graphdef, self.params)
+
+
+def merged_params(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:
+  """`params` with any LoRA adapters folded in (a quantized base dequantized): the state of
+  a plain `Transformer`. Returned unchanged when there are no adapters."""
+  if not lora.has_lora(params):
+    return params
+
+  @jax.jit
+  def merge(p):
+    return nnx.state(lora.merge_lora(nnx.merge(graphdef, p)))
+  return merge(params)
+
+
+def record_stages(workdir: str, stages: list[str]) -> None:
+  """Adds `stages` (in pipeline order) to the workdir's run.json."""
+  path = os.path.join(workdir, RUN_FILE)
+  known = read_stages(workdir)
+  merged = known + [s for s in stages if s not in known]
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"stages": merged}, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def read_stages(workdir: str) -> list[str]:
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return list(json.load(f).get("stages", []))
+
+
+def saved_stages(workdir: str) -> list[str]:
+  root = os.path.join(workdir, "checkpoints")
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+      if os.path.isdir(root) else []
+
+
+def default_stage(workdir: str) -> str:
+  """The last stage of the run's pipeline that has a checkpoint; with no pipeline record,
+  the only stage there is (an import, a quantized model). Otherwise an error that lists them."""
+  saved = saved_stages(workdir)
+  if not saved:
+    raise CheckpointError(f"no checkpoints under {os.path.join(workdir, 'checkpoints')}: "
+                          f"train first (llmjax-train --workdir={workdir})")
+  ordered = [s for s in read_stages(workdir) if s in saved]
+  if ordered:
+    return ordered[-1]
+  if len(saved) == 1:
+    return saved[0]
+  raise CheckpointError(f"{workdir} holds the stages {saved} and no {RUN_FILE} says which "
+                        "came last: name one (--stage=NAME, or 'workdir:stage' in gin)")
+
+
+def load_run(workdir: str, stage: str | None = None, step: int | None = None,
+             abstract_params: Any = None, kernel: str | None = None) -> LoadedRun:
+  """Parameters, config and tokenizer of a run's (or an import's) checkpoint.
+
+  Args:
+    stage: default `default_stage(workdir)`; step: default the latest.
+    abstract_params: ShapeDtypeStructs with shardings choosing where the arrays of a float
+      checkpoint land; default one device.
+    kernel: the int4 matmul of a quantized checkpoint ('pallas' or 'reference').
+  """
+  from llmjax.data.hf_tokenizer import load_tokenizer
+  from llmjax.model.transformer import build_model
+
+  workdir = os.path.abspath(workdir)
+  stage = stage or default_stage(workdir)
+  directory = os.path.join(workdir, "checkpoints", stage)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{workdir} has no checkpoint of stage {stage!r}; its stages: "
+                          f"{saved_stages(workdir)}")
+  ckpt = Checkpointer(directory, every=1)
+  try:
+    step = ckpt.resolve_step(step)
+    meta = {**ckpt.read_meta(step), "workdir": workdir}
+    cfg = ModelConfig.from_dict(meta["model"])
+    if "quantization" in meta:
+      from llmjax.runs.quantized import restore_quantized
+      graphdef, params = restore_quantized(ckpt, step, meta, kernel)
+    elif "lora" in meta:
+      graphdef, params = _restore_lora(ckpt, step, meta, cfg)
+    else:
+      graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+      params = ckpt.restore_params(step, abstract_params or abstract_like(abstract))
+  finally:
+    ckpt.close()
+  # An import of an HF model saved without a tokenizer records None.
+  tok_file = meta.get("tokenizer", "tokenizer.model")
+  tokenizer = load_tokenizer(os.path.join(workdir, tok_file)) if tok_file else None
+  return LoadedRun(graphdef, params, cfg, tokenizer, stage, step, meta)
+
+
+def load_base(meta: dict[str, Any], where: str) -> LoadedRun:
+  """The checkpoint a LoRA checkpoint's adapters were trained on (its meta['base'])."""
+  base = meta.get("base") or {}
+  if not base.get("workdir") or not os.path.isdir(os.path.join(base["workdir"],
+                                                                "checkpoints")):
+    raise CheckpointError(
+        f"{where} holds LoRA adapters trained on {base or 'an unrecorded base'}, which cannot "
+        "be found: restore that workdir at its recorded path")
+  return load_run(base["workdir"], base["stage"], base["step"])
+
+
+def _restore_lora(ckpt: Checkpointer, step: int, meta: dict[str, Any], cfg: ModelConfig):
+  from llmjax.train.roles import policy_role
+  base = load_base(meta, f"{ckpt.directory}/{step}")
+  role = policy_role(cfg, base.float_params(), lora.LoraConfig.from_dict(meta["lora"]))
+  graphdef, abstract_adapters, _ = nnx.split(nnx.eval_shape(lambda: role.build(role.init)),
+                                             nnx.LoRAParam, ...)
+  frozen = jax.jit(lambda i: nnx.split(role.build(i), nnx.LoRAParam, ...)[2])(role.init)
+  adapters = ckpt.restore_params(step, abstract_like(abstract_adapters))
+  return graphdef, nnx.merge_state(adapters, frozen)

@@ -1,0 +1,86 @@
+"""The models a train step holds, by role: the policy being trained, and the others it reads.
+
+A `Role` says how to build a model from starting arrays and which of its variables train
+(an nnx filter: `nnx.Param` for full fine-tuning, `nnx.LoRAParam` for LoRA, `nnx.Nothing` for
+a frozen model). Roles follow Tunix's names: `policy` (the model being trained), `reference`
+(the frozen model a KL or DPO term compares against), `reward`, `teacher`, and `value` (a
+second trainable model beside the policy). The loop builds every role with one jitted
+function per role, placed on the mesh by the same logical-axis rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+
+from llmjax.errors import ConfigError
+from llmjax.model import lora, quant
+from llmjax.model.config import ModelConfig
+from llmjax.model.transformer import build_model
+
+POLICY = "policy"
+REFERENCE = "reference"
+
+
+@dataclasses.dataclass
+class Role:
+  """How the loop gets one model of the step.
+
+  Attributes:
+    build: starting arrays (`init`, or None) -> the model. Traced under `jax.jit` (no I/O),
+      so the arrays come out already sharded and unused random initializations vanish.
+    init: the arrays `build` starts from (e.g. the previous stage's parameters), or None.
+    trainable: nnx filter of the variables that get gradients and optimizer state; the rest
+      of the model is frozen: a step argument that is neither donated nor checkpointed.
+    config: the model's config (FLOPs, the checkpoint's shape check).
+  """
+  build: Callable[[Any], nnx.Module]
+  init: Any = None
+  trainable: Any = nnx.Param
+  config: ModelConfig | None = None
+
+  @classmethod
+  def frozen(cls, graphdef: nnx.GraphDef, params: Any,
+             config: ModelConfig | None = None) -> "Role":
+    """An already-built model that does not train (a reference, reward or teacher model)."""
+    return cls(lambda p: nnx.merge(graphdef, p), params, nnx.Nothing, config)
+
+
+def policy_role(cfg: ModelConfig, init: Any = None, lora_cfg: lora.LoraConfig | None = None,
+                seed: int = 0) -> Role:
+  """The transformer of `cfg`, from `init` (float parameters) or a random init.
+
+  With `lora_cfg`, the base is frozen (quantized first for QLoRA) and adapters train.
+  """
+  if lora_cfg is not None and init is None:
+    raise ConfigError("LoRA needs a base model to adapt, and this stage has none: start it "
+                      "after a stage that trains one, or set its init_from to a run or an "
+                      "llmjax-import")
+
+  def build(params):
+    model = build_model(cfg, seed)
+    if params is not None:
+      nnx.update(model, params)
+    if lora_cfg is not None:
+      if lora_cfg.quantize_base is not None:
+        quant.quantize_model(model, lora_cfg.quantize_base)
+      lora.add_lora(model, lora_cfg)
+    return model
+  return Role(build, init, nnx.LoRAParam if lora_cfg is not None else nnx.Param, cfg)
+
+
+def reference_model(policy: nnx.Module, roles: Mapping[str, Any]) -> Any:
+  """The frozen model a preference or KL term compares the policy with.
+
+  An explicit `reference` role wins; otherwise a LoRA policy serves as its own reference
+  with its adapters off (`lora.WithoutAdapters`): the base weights are held once.
+  """
+  if REFERENCE in roles:
+    return roles[REFERENCE]
+  if not lora.has_lora(policy):
+    raise ConfigError("this loss needs a reference model: give the stage a 'reference' role "
+                      "(e.g. reference_from = an earlier stage), or train with LoRA, whose "
+                      "base model is the reference")
+  return lora.WithoutAdapters(policy)
