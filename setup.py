@@ -1,4 +1,4 @@
-"""llmjax: a JAX-native framework for every stage of a language model's life."""
+"""llmjax: pretrain, fine-tune (SFT), quantize and export Llama/Qwen2-style models in JAX."""
 import setuptools
 
 CORE = [
@@ -23,7 +23,7 @@ CORE = [
 setuptools.setup(
     name="llmjax",
     version="0.1.0",
-    description="Pretrain, fine-tune, align and export Llama/Qwen2-style models in JAX.",
+    description="Pretrain, fine-tune (SFT), quantize and export Llama/Qwen2-style models in JAX.",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["llmjax", "llmjax.*"]),
     install_requires=CORE,

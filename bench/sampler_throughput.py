@@ -1,4 +1,4 @@
-"""Decode throughput of `llmjax.sample.Sampler`.
+"""Decode throughput of `llmjax.sample.sampler.Sampler`.
 
 CPU (default): against Hugging Face `transformers` `generate` (torch, KV cache, greedy) on the
 same weights, batch 1 and 32; prints a markdown table with the ratio.

@@ -1,3 +1,3 @@
-"""llmjax: pretrain, fine-tune, align and export Llama/Qwen2-style language models in JAX."""
+"""llmjax: pretrain, fine-tune (SFT), quantize and export Llama/Qwen2-style models in JAX."""
 
 __version__ = "0.1.0"

@@ -15,9 +15,12 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
   """`absl.app.run(main)`, printing an `LlmjaxError` as `error: ...` without a traceback.
 
   Those errors name the file, line or key at fault and what to do; a traceback would bury
-  that. Any other exception is a bug and keeps its traceback.
+  that. Any other exception is a bug and keeps its traceback. No script takes positional
+  arguments, so a stray one (a flag missing its `--`) is a usage error, not ignored.
   """
   def guarded(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
     try:
       main(args)

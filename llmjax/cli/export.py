@@ -24,8 +24,6 @@ flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
   from llmjax.hf.export import export_run

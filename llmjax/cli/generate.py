@@ -63,8 +63,6 @@ def chat_loop(sampler: Any, tokenizer: Any, template: str, lines: TextIO, out: T
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.chat):
     raise app.UsageError("--workdir and either --chat or at least one --prompt are required")
   from llmjax.runs.load import load_run

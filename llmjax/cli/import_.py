@@ -20,8 +20,6 @@ flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.hf or not FLAGS.output:
     raise app.UsageError("--hf and --output are required")
   from llmjax.hf.import_ import import_hf

@@ -76,8 +76,6 @@ def eval_data_from_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
   if os.path.abspath(FLAGS.workdir) == os.path.abspath(FLAGS.output):

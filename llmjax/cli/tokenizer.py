@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from llmjax.cli import common
 from llmjax.data import sources, synthetic, tokenizer
@@ -73,8 +73,6 @@ def _source():
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _OUTPUT.value:
     raise ConfigError("--output is required: where to write the tokenizer .model file")
   source, what = _source()

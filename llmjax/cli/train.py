@@ -56,8 +56,6 @@ def configure(gin_files: list[str], gin_bindings: list[str], workdir: str):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   from llmjax import stages

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from llmjax.data import chat, synthetic
+from llmjax.data.pipeline import pad_rows, rename_packed
 from llmjax.data.sources import expand_paths
 from llmjax.errors import ConfigError, DataError
 
@@ -248,12 +249,7 @@ def pack_examples(ds: grain.IterDataset, seq_len: int, rows: int,
   lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
   packed = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct=lengths, num_packing_bins=rows, seed=seed, shuffle_bins=True)
-  return packed.map(_rename_packed)
-
-
-def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"tokens": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"],
-          "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+  return packed.map(rename_packed)
 
 
 def train_batches(examples: list[dict[str, np.ndarray]], cfg: SFTDataConfig,
@@ -275,11 +271,7 @@ def eval_batches(examples: list[dict[str, np.ndarray]], cfg: SFTDataConfig,
   ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset()
   out = []
   for batch in pack_examples(ds, cfg.seq_len, rows).batch(rows, drop_remainder=False):
-    n = batch["tokens"].shape[0]
-    if n < rows:
-      batch = {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
-               for k, v in batch.items()}
-    out.append(batch)
+    out.append(pad_rows(batch, rows))
     if len(out) == cfg.eval_batches:
       break
   return out

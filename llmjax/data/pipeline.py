@@ -114,10 +114,11 @@ def pack_documents(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   """Packs per-document `inputs`/`targets`/`loss_mask` into rows of `seq_len` (see module doc)."""
   packed = grain.experimental.ConcatThenSplitIterDataset(
       ds, length_struct={"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len})
-  return packed.map(_rename_packed)
+  return packed.map(rename_packed)
 
 
-def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def rename_packed(row: dict[str, np.ndarray]) -> Batch:
+  """A row of grain's packers (`inputs`, `inputs_segment_ids`, ...) in the batch layout."""
   return {"tokens": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"],
           "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
 
@@ -152,7 +153,7 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, eval_source: Any,
                 drop_remainder=False)
   out = []
   for batch in ds:
-    out.append(_pad_rows(batch, cfg.batch_size // process_count))
+    out.append(pad_rows(batch, cfg.batch_size // process_count))
     if len(out) == cfg.eval_batches:
       break
   if not out:
@@ -160,7 +161,7 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, eval_source: Any,
   return out
 
 
-def _pad_rows(batch: Batch, rows: int) -> Batch:
+def pad_rows(batch: Batch, rows: int) -> Batch:
   """Pads a short final batch with all-padding rows so every eval batch has one shape."""
   n = batch["tokens"].shape[0]
   if n == rows:

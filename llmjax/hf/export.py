@@ -112,7 +112,8 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], directory: str,
   return names
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """Indented JSON; non-ASCII (tokens, chat templates) is written as UTF-8, not escaped."""
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, ensure_ascii=False)
     f.write("\n")
@@ -187,10 +188,10 @@ def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any 
   bos, eos, pad = (_special_id(tokenizer, n) for n in ("bos_id", "eos_id", "pad_id"))
   with atomic_output_dir(output, overwrite) as tmp:
     hf_cfg = convert.config_to_hf(cfg, dtype, bos, eos, pad)
-    _write_json(os.path.join(tmp, "config.json"), hf_cfg)
+    write_json(os.path.join(tmp, "config.json"), hf_cfg)
     gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
-    _write_json(os.path.join(tmp, "generation_config.json"),
-                {k: v for k, v in gen.items() if v is not None})
+    write_json(os.path.join(tmp, "generation_config.json"),
+               {k: v for k, v in gen.items() if v is not None})
     files = write_safetensors(tensors, tmp, max_shard_size)
     if tokenizer is not None:
       from llmjax.hf.tokenizer_files import write_tokenizer_files

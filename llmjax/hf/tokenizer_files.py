@@ -14,14 +14,9 @@ from typing import Any
 from absl import logging
 
 from llmjax.data.tokenizer import SPECIAL_TOKENS
+from llmjax.hf.export import write_json
 
 _SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1, 2, 3, 4, 5, 6
-
-
-def _write_json(path: str, obj: Any) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")
 
 
 def sentencepiece_to_tokenizer_json(proto: bytes) -> str | None:
@@ -150,6 +145,6 @@ def write_tokenizer_files(tokenizer: Any, directory: str, chat_template: str | N
     config["model_max_length"] = model_max_length
   if chat_template:
     config["chat_template"] = chat_template
-  _write_json(os.path.join(directory, "tokenizer_config.json"), config)
-  _write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
+  write_json(os.path.join(directory, "tokenizer_config.json"), config)
+  write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
   return written + ["tokenizer_config.json", "special_tokens_map.json"]

@@ -47,6 +47,13 @@ def cache_attention_mask(valid: jax.Array, query_slots: jax.Array) -> jax.Array:
   return (causal & valid[:, None, :])[:, None, None]
 
 
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """`cache [batch, cache_len, ...]` with `new [batch, seq, ...]` written at each row's own
+  slot `index [batch]`, so left- and right-padded prompts share one code path."""
+  write = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0))
+  return write(cache, new.astype(cache.dtype), index)
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Attention of new queries `q [batch, q_len, n_heads, head_dim]` over a whole KV cache
   `k, v [batch, cache_len, n_kv_heads, head_dim]` under `cache_attention_mask`."""

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llmjax.model import lora, quant
-from llmjax.model.attention import attend, cache_attention_mask, cached_attention
+from llmjax.model.attention import attend, cache_attention_mask, cached_attention, write_cache
 from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.config import ModelConfig, RopeScaling
 from llmjax.parallel.mesh import constrain
@@ -136,9 +136,8 @@ class Attention(nnx.Module):
       (`[batch, seq, d_model]`, updated k_cache, updated v_cache).
     """
     q, k, v = self._qkv(x, positions)
-    write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
-    k_cache = write(k_cache, k.astype(k_cache.dtype), index)
-    v_cache = write(v_cache, v.astype(v_cache.dtype), index)
+    k_cache = write_cache(k_cache, k, index)
+    v_cache = write_cache(v_cache, v, index)
     out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
     out = project(out, lora.weight(self, "o_proj"), "bsnh,nhd->bsd", self.dtype)
     return out, k_cache, v_cache
@@ -290,8 +289,7 @@ class Transformer(nnx.Module):
     """
     seq = tokens.shape[1]
     slots = cache.index[:, None] + jnp.arange(seq)
-    write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
-    valid = write(cache.valid, token_valid.astype(cache.valid.dtype), cache.index)
+    valid = write_cache(cache.valid, token_valid, cache.index)
     mask = cache_attention_mask(valid, slots)
     x = self.embed[...].astype(self.config.dtype)[tokens]
     ks, vs = [], []

@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache: the engine of evaluation, chat and the RL stages.
+"""Batched generation with a KV cache: the engine of evaluation and chat.
 
 One compiled call per batch: prefill every prompt at once, sample the first token, then decode
 token by token inside a `jax.lax.while_loop` that ends when every row has stopped or the token

@@ -60,8 +60,8 @@ def test_sft_raises_held_out_exact_match(pipeline_run, tokenizer):
   # drift across CPUs and library versions (a nearby setting, SFT lr 2e-3 with 2000
   # questions, gave 0.17), yet above the 0.10 this fixture measured before the world's
   # statements, FAQ text and question phrasings were fixed, so that regression fails. The
-  # full tiny pipeline (experiments/tiny/pipeline.gin) reaches ~0.7; see
-  # docs/sft_and_sampling.md.
+  # full tiny pipeline (experiments/tiny/pipeline.gin) reaches ~0.7; see README.md,
+  # "Instruction tuning (SFT) and generation".
   assert before <= 0.03
   assert after >= 0.15
 
