@@ -15,6 +15,10 @@ from llmjax.stages.sft import SFT, exact_match
 from llmjax.data import pipeline
 from llmjax.train import loop
 from llmjax.train.optimizer import OptimizerConfig
+from llmjax.model.lora import LoraConfig
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "lm_head")
 
 from tests.conftest import TEST_MODEL
 
@@ -64,6 +68,39 @@ def test_sft_raises_held_out_exact_match(pipeline_run, tokenizer):
   # "Instruction tuning (SFT) and generation".
   assert before <= 0.03
   assert after >= 0.15
+
+
+@pytest.fixture(scope="module")
+def lora_sft_run(pipeline_run, tmp_path_factory, tokenizer_path):
+  """LoRA SFT (r=16 on every projection) from the same pretrained stage, its own workdir."""
+  workdir = str(tmp_path_factory.mktemp("lora_sft"))
+  sft = SFT(
+      model=TEST_MODEL,
+      data=instructions.SFTDataConfig(seq_len=128, batch_size=16, builtin_train=800,
+                                      builtin_eval=HELD_OUT, eval_batches=1),
+      train=loop.TrainConfig(total_steps=SFT_STEPS, log_every=50, eval_every=SFT_STEPS,
+                             checkpoint_every=SFT_STEPS),
+      optimizer=OptimizerConfig(learning_rate=7e-3, warmup_steps=20, weight_decay=0.0),
+      tokenizer=TokenizerConfig(path=tokenizer_path), eval_questions=HELD_OUT,
+      init_from=f"{pipeline_run}:pretrain",
+      lora=LoraConfig(rank=16, alpha=32.0, target_modules=LORA_TARGETS))
+  run_stages([sft], RunContext(workdir=workdir))
+  return workdir
+
+
+def test_lora_sft_comes_close_to_full_sft(pipeline_run, lora_sft_run):
+  def final(workdir):
+    evals = [r for r in read_metrics(workdir) if r["stage"] == "sft" and r["kind"] == "eval"]
+    return evals[-1]["exact_match"]
+  full, lora_em = final(pipeline_run), final(lora_sft_run)
+  print(f"held-out exact match: full SFT {full:.3f}, LoRA SFT {lora_em:.3f}")
+  # Measured (2 CPU cores): full SFT 0.260, LoRA SFT 0.193 (r=16 on every projection and
+  # lm_head, lr 7e-3; without lm_head 0.167; lr 2e-2 0.117, 4e-2 0.000). The pretrained
+  # start answers none (0.000), so the bounds fail if the adapters do not train.
+  assert lora_em >= 0.12
+  assert lora_em >= full - 0.12
+  run = load_run(lora_sft_run)
+  assert run.meta["base"]["stage"] == "pretrain" and run.meta["lora"]["rank"] == 16
 
 
 def test_sft_checkpoint_records_the_chat_template(pipeline_run):
