@@ -5,6 +5,10 @@
   tokenizer.model (SentencePiece runs), tokenizer.json, tokenizer_config.json,
   special_tokens_map.json
 
+A LoRA/QLoRA run exports merged (`W + s * A B`; a QLoRA base is dequantized from NF4/int4
+first), which is exactly the model the run trained; `llmjax.hf.adapters` writes the adapters
+alone as a PEFT folder instead.
+
 Everything is written into a temporary folder beside the output and renamed into place once
 complete, so a failed export never leaves a folder that looks usable. Tensors are fetched and
 converted one at a time and shards written as they fill, so host memory holds at most one
@@ -211,13 +215,43 @@ def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any 
 
 def export_run(workdir: str, output: str, stage: str | None = None, step: int | None = None,
                dtype: str | None = None, max_shard_size: int | str = "2GB",
-               overwrite: bool = False) -> str:
-  """Exports a run's (or an import's) checkpoint; see `export_params`."""
+               overwrite: bool = False, adapter_only: bool = False) -> str:
+  """Exports a run's (or an import's) checkpoint; see `export_params`.
+
+  A LoRA/QLoRA checkpoint exports merged: each weight is `W + s * A B`, with a QLoRA base
+  dequantized from NF4/int4 first, i.e. exactly the weights the trained model computes with.
+  `adapter_only` writes the adapters alone as a PEFT folder instead
+  (`llmjax.hf.adapters.export_adapter`).
+  """
   from llmjax.runs.load import load_run
   if dtype is not None and dtype not in DTYPES:
     raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
   parse_size(max_shard_size)  # fail on a bad flag before reading the checkpoint
   run = load_run(workdir, stage, step)
-  return export_params(run.params, run.model_cfg, output, tokenizer=run.tokenizer, dtype=dtype,
-                       max_shard_size=max_shard_size,
+  if "quantization" in run.meta:
+    raise CheckpointError(f"{workdir} (stage {run.stage}, step {run.step}) is a quantized "
+                          "checkpoint (llmjax-quantize); an HF export holds float weights: "
+                          f"export the run it was quantized from, {run.meta.get('source')}")
+  if adapter_only:
+    from llmjax.hf.adapters import export_adapter
+    return export_adapter(run, output, dtype=dtype, overwrite=overwrite)
+  cfg = run.model_cfg
+  tensors = convert.iter_hf_tensors(
+      run.float_params(), cfg, fetch=_fetch_dequantized,
+      dtype=np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype)))
+  return export_params(None, cfg, output, tokenizer=run.tokenizer, dtype=dtype,
+                       max_shard_size=max_shard_size, tensors=tensors,
                        chat_template=run.meta.get("chat_template"), overwrite=overwrite)
+
+
+def _fetch_dequantized(x: Any) -> np.ndarray:
+  """`fetch_to_host`, dequantizing a weight that is still quantized, one at a time.
+
+  `merge_lora` dequantizes only the weights that have adapters, so a QLoRA run whose
+  target_modules leave some projections out (or with a quantized lm_head) still holds them
+  quantized after `float_params()`; the trained model computes with their dequantized values.
+  """
+  from llmjax.model.quant import QuantizedTensor
+  if isinstance(x, QuantizedTensor):
+    x = x.dequantize(jax.numpy.float32)
+  return fetch_to_host(x)

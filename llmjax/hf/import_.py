@@ -4,6 +4,11 @@ The output is a workdir holding one checkpoint, `<out>/checkpoints/import/0/` (i
 and `meta`), plus the tokenizer, so `load_run(out)`, `llmjax-generate --workdir=out`,
 `llmjax-export --workdir=out` and gin's `pretrain.init_from = 'out'` all take it as a run.
 
+With a PEFT LoRA folder (`peft_dir`), the workdir gets a second stage, `peft`: a LoRA
+checkpoint of the adapters whose base is `import`, listed after it in run.json, so the run's
+default model is the adapted one. Adapter names, shapes and config are checked against the
+base before anything is written (`llmjax.hf.adapters`).
+
 Only safetensors are read: pickle-based `.bin`/`.pt`/`.pth` files can run arbitrary code when
 loaded, so folders holding only those are refused with instructions to convert them.
 """
@@ -26,6 +31,7 @@ from llmjax.hf.export import DTYPES, atomic_output_dir
 from llmjax.model.config import ModelConfig
 
 STAGE = "import"
+PEFT_STAGE = "peft"  # the LoRA stage of `--peft`, on top of STAGE
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _TOKENIZER_AUX = ("tokenizer_config.json", "special_tokens_map.json")
@@ -148,17 +154,24 @@ def load_hf_params(hf_dir: str, dtype: str = "float32") -> tuple[ModelConfig, An
   return cfg, graphdef, params
 
 
-def _import_tokenizer(hf_dir: str, out_dir: str) -> tuple[str | None, str | None]:
-  """Copies the tokenizer into `out_dir`: (file name for meta, chat template or None)."""
-  chat_template = None
+def read_chat_template(hf_dir: str) -> str | None:
+  """The chat template of a folder's tokenizer_config.json or chat_template.jinja, if any."""
   config_path = os.path.join(hf_dir, "tokenizer_config.json")
   if os.path.isfile(config_path):
     with open(config_path, encoding="utf-8") as f:
       chat_template = json.load(f).get("chat_template")
+    if chat_template is not None:
+      return chat_template
   jinja = os.path.join(hf_dir, "chat_template.jinja")  # transformers >=4.43 writes it apart
-  if chat_template is None and os.path.isfile(jinja):
+  if os.path.isfile(jinja):
     with open(jinja, encoding="utf-8") as f:
-      chat_template = f.read()
+      return f.read()
+  return None
+
+
+def _import_tokenizer(hf_dir: str, out_dir: str) -> tuple[str | None, str | None]:
+  """Copies the tokenizer into `out_dir`: (file name for meta, chat template or None)."""
+  chat_template = read_chat_template(hf_dir)
   for aux in _TOKENIZER_AUX:
     if os.path.isfile(os.path.join(hf_dir, aux)):
       shutil.copy(os.path.join(hf_dir, aux), os.path.join(out_dir, aux))
@@ -171,9 +184,15 @@ def _import_tokenizer(hf_dir: str, out_dir: str) -> tuple[str | None, str | None
   return None, chat_template
 
 
-def import_hf(hf_dir: str, output: str, dtype: str = "float32",
-              overwrite: bool = False) -> str:
-  """Imports `hf_dir` as an llmjax workdir at `output` (written atomically); returns it."""
+def import_hf(hf_dir: str, output: str, dtype: str = "float32", overwrite: bool = False,
+              peft_dir: str | None = None) -> str:
+  """Imports `hf_dir` as an llmjax workdir at `output` (written atomically); returns it.
+
+  With `peft_dir` (a PEFT LoRA folder trained on `hf_dir`'s model) the adapters become a
+  second stage, `peft`, whose LoRA checkpoint names `import` as its base; run.json lists
+  both, so `load_run(output)` gives the adapted model. The adapter is checked against the
+  base (names, shapes, config) before anything is written.
+  """
   from llmjax.checkpoint import Checkpointer
   from llmjax.data.hf_tokenizer import load_tokenizer
   from llmjax.data.tokenizer import check_fits_model
@@ -182,6 +201,7 @@ def import_hf(hf_dir: str, output: str, dtype: str = "float32",
     raise CheckpointError(f"--hf={hf_dir} is not a folder")
   cfg, _, params = load_hf_params(hf_dir, dtype)
   hf_cfg = read_hf_config(hf_dir)
+  adapter = _read_adapter(os.path.abspath(peft_dir), hf_dir, cfg) if peft_dir else None
   with atomic_output_dir(output, overwrite) as tmp:
     tok_file, chat_template = _import_tokenizer(hf_dir, tmp)
     if tok_file:
@@ -194,11 +214,62 @@ def import_hf(hf_dir: str, output: str, dtype: str = "float32",
             "hf_architecture": hf_cfg["architectures"][0]}
     if chat_template:
       meta["chat_template"] = chat_template
-    ckpt = Checkpointer(os.path.join(tmp, "checkpoints", STAGE), every=1, async_save=False)
-    try:
-      ckpt.save_params_only(0, params, meta)
-      ckpt.wait()
-    finally:
-      ckpt.close()
-  logging.info("Imported %s (%s) to %s", hf_dir, meta["hf_architecture"], output)
+    _save(Checkpointer(os.path.join(tmp, "checkpoints", STAGE), every=1, async_save=False),
+          params, meta)
+    if adapter is not None:
+      _save_adapter(tmp, os.path.abspath(output), cfg, meta, *adapter)
+  logging.info("Imported %s (%s) to %s%s", hf_dir, meta["hf_architecture"], output,
+               f" with the LoRA adapter {peft_dir} as stage {PEFT_STAGE}" if adapter else "")
   return os.path.abspath(output)
+
+
+def _save(ckpt: Any, params: Any, meta: dict[str, Any]) -> None:
+  """One synchronous params-only save at step 0, closing the Checkpointer either way."""
+  try:
+    ckpt.save_params_only(0, params, meta)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+
+
+def _read_adapter(peft_dir: str, hf_dir: str, cfg: ModelConfig
+                  ) -> tuple[Any, dict[tuple[Any, ...], tuple[np.ndarray, ...]], str, str | None]:
+  """(LoraConfig, {path: (a, b)}, peft_dir, chat template) of a PEFT folder, all checked."""
+  from llmjax.hf.adapters import load_adapter
+  if not os.path.isdir(peft_dir):
+    raise CheckpointError(f"--peft={peft_dir} is not a folder")
+  base = SafetensorsFolder(hf_dir)
+  try:
+    lora_cfg, adapters = load_adapter(peft_dir, cfg, base.get)
+  finally:
+    base.close()
+  return lora_cfg, adapters, peft_dir, read_chat_template(peft_dir)
+
+
+def _save_adapter(tmp: str, output: str, cfg: ModelConfig, base_meta: dict[str, Any],
+                  lora_cfg: Any, adapters: dict[tuple[Any, ...], tuple[np.ndarray, ...]],
+                  peft_dir: str, chat_template: str | None) -> None:
+  """Writes the `peft` stage: the adapters alone, on the `import` stage of `output`."""
+  from flax import nnx
+  from llmjax.checkpoint import Checkpointer
+  from llmjax.model import lora
+  from llmjax.model.transformer import build_model
+  from llmjax.runs.load import record_stages
+  abstract = nnx.split(nnx.eval_shape(lambda: lora.add_lora(build_model(cfg), lora_cfg)),
+                       nnx.LoRAParam, ...)[1]
+  np_dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+
+  def fill(path, leaf):
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    keys = keys[:-1] if keys[-1] == "value" else keys
+    return jax.device_put(adapters[keys[:-1]]["ab".index(keys[-1])].astype(np_dtype))
+
+  meta = {"model": dataclasses.asdict(cfg), "stage": PEFT_STAGE, "step": 0,
+          "tokenizer": base_meta["tokenizer"], "source": peft_dir,
+          "lora": lora_cfg.to_dict(), "base": {"workdir": output, "stage": STAGE, "step": 0}}
+  chat_template = chat_template or base_meta.get("chat_template")
+  if chat_template:
+    meta["chat_template"] = chat_template
+  _save(Checkpointer(os.path.join(tmp, "checkpoints", PEFT_STAGE), every=1, async_save=False),
+        jax.tree_util.tree_map_with_path(fill, abstract), meta)
+  record_stages(tmp, [STAGE, PEFT_STAGE])
