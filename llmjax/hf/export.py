@@ -237,21 +237,8 @@ def export_run(workdir: str, output: str, stage: str | None = None, step: int | 
     return export_adapter(run, output, dtype=dtype, overwrite=overwrite)
   cfg = run.model_cfg
   tensors = convert.iter_hf_tensors(
-      run.float_params(), cfg, fetch=_fetch_dequantized,
+      run.float_params(), cfg, fetch=fetch_to_host,
       dtype=np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype)))
   return export_params(None, cfg, output, tokenizer=run.tokenizer, dtype=dtype,
                        max_shard_size=max_shard_size, tensors=tensors,
                        chat_template=run.meta.get("chat_template"), overwrite=overwrite)
-
-
-def _fetch_dequantized(x: Any) -> np.ndarray:
-  """`fetch_to_host`, dequantizing a weight that is still quantized, one at a time.
-
-  `merge_lora` dequantizes only the weights that have adapters, so a QLoRA run whose
-  target_modules leave some projections out (or with a quantized lm_head) still holds them
-  quantized after `float_params()`; the trained model computes with their dequantized values.
-  """
-  from llmjax.model.quant import QuantizedTensor
-  if isinstance(x, QuantizedTensor):
-    x = x.dequantize(jax.numpy.float32)
-  return fetch_to_host(x)

@@ -278,28 +278,29 @@ def has_lora(model_or_state: Any) -> bool:
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-  """Folds every adapter into its weight (`W + s A B`, float) and removes it, in place.
+  """Makes `model` a plain float model computing what it computed, in place; returns it.
 
-  A quantized base is dequantized first: the merged model computes what the LoRA model
-  computed, in float weights that `transformers` can load.
+  Each adapter folds into its weight (`W + s A B`) and is removed; every quantized weight (a
+  QLoRA base, adapted or not) is dequantized: float weights that `transformers` can load and
+  any stage can start from.
   """
   from llmjax.model.quant import QuantizedWeight
   for owner, attr, _ in list(weights.projection_weights(model, TARGET_MODULES)):
-    adapter = getattr(owner, attr + "_lora", None)
-    if adapter is None:
+    var = getattr(owner, attr, None)  # None: a head tied to the embedding
+    if var is None:
       continue
-    a, b = adapter.a[...], adapter.b[...]
-    delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1) * adapter.scale
-    var = getattr(owner, attr)
     if isinstance(var, QuantizedWeight):
-      base = var.get_value().dequantize(jnp.float32)
-      axes = weights.LAYOUTS[attr].in_axes + weights.LAYOUTS[attr].out_axes
-      setattr(owner, attr, nnx.Param((base + delta).astype(model.config.param_dtype),
-                                     logical_axes=axes))
-    else:
+      layout = weights.LAYOUTS[attr]
+      var = nnx.Param(var.get_value().dequantize(jnp.dtype(model.config.param_dtype)),
+                      logical_axes=layout.in_axes + layout.out_axes)
+      setattr(owner, attr, var)
+    adapter = getattr(owner, attr + "_lora", None)
+    if adapter is not None:
+      delta = jnp.tensordot(adapter.a[...].astype(jnp.float32),
+                            adapter.b[...].astype(jnp.float32), axes=1) * adapter.scale
       base = var[...]
       var.set_value((base.astype(jnp.float32) + delta).astype(base.dtype))
-    delattr(owner, attr + "_lora")
+      delattr(owner, attr + "_lora")
   return model
 
 

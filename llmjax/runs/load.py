@@ -50,14 +50,24 @@ class LoadedRun:
     return {"workdir": self.meta.get("workdir"), "stage": self.stage, "step": self.step}
 
   def float_params(self) -> nnx.State:
-    """The parameters as a plain float model: LoRA adapters merged into their weights."""
+    """The parameters of the plain float model (`build_model(model_cfg)`): LoRA adapters
+    merged into their weights, quantized weights dequantized."""
     return merged_params(self.graphdef, self.params)
+
+  def float_model(self) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of the plain float model; see `float_params`."""
+    from llmjax.model.transformer import build_model
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(self.model_cfg)))[0]
+    return graphdef, self.float_params()
 
 
 def merged_params(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:
-  """`params` with any LoRA adapters folded in (a quantized base dequantized): the state of
-  a plain `Transformer`. Returned unchanged when there are no adapters."""
-  if not lora.has_lora(params):
+  """`params` as the state of a plain float `Transformer`: any LoRA adapters folded in, any
+  quantized weights dequantized (`lora.merge_lora`). Returned unchanged when plain already."""
+  from llmjax.model.quant import QuantizedWeight
+  quantized = any(isinstance(v, QuantizedWeight) for v in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  if not lora.has_lora(params) and not quantized:
     return params
 
   @jax.jit
@@ -159,8 +169,12 @@ def load_base(meta: dict[str, Any], where: str) -> LoadedRun:
 
 
 def _restore_lora(ckpt: Checkpointer, step: int, meta: dict[str, Any], cfg: ModelConfig):
+  from llmjax.checkpoint import check_same_model
   from llmjax.train.roles import policy_role
-  base = load_base(meta, f"{ckpt.directory}/{step}")
+  where = f"{ckpt.directory}/{step}"
+  base = load_base(meta, where)
+  check_same_model(dataclasses.asdict(base.model_cfg), cfg,
+                   f"the base of {where} ({base.meta['workdir']}, stage {base.stage})")
   role = policy_role(cfg, base.float_params(), lora.LoraConfig.from_dict(meta["lora"]))
   graphdef, abstract_adapters, _ = nnx.split(nnx.eval_shape(lambda: role.build(role.init)),
                                              nnx.LoRAParam, ...)

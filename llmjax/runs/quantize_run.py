@@ -60,7 +60,8 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
 
   run = load_run(workdir, stage, step)
   batches = _eval_batches(run, eval_data) if eval_data else []  # fail before the work
-  graphdef_q, state_q = nnx.split(quant.quantize_model(nnx.merge(run.graphdef, run.float_params()),
+  graphdef_f, params_f = run.float_model()  # a LoRA run quantizes with its adapters merged
+  graphdef_q, state_q = nnx.split(quant.quantize_model(nnx.merge(graphdef_f, params_f),
                                                        cfg))
   tok_file = run.meta.get("tokenizer", "tokenizer.model")
   os.makedirs(output, exist_ok=True)
@@ -71,7 +72,7 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
           "quantization": quantized.quantization_meta(cfg), "source": source}
   path = quantized.save_quantized(output, run.step, state_q, meta)
 
-  before, after = quant.weight_bytes(run.params), quant.weight_bytes(state_q)
+  before, after = quant.weight_bytes(params_f), quant.weight_bytes(state_q)
   report: dict[str, Any] = {
       "checkpoint": path, "source": source, "scheme": cfg.scheme,
       "group_size": cfg.group_size if cfg.scheme != "int8" else None,
@@ -85,7 +86,7 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
           "compression": before["total"] / after["total"]},
   }
   if batches:
-    float_loss = quantized.eval_loss(run.graphdef, run.params, batches)
+    float_loss = quantized.eval_loss(graphdef_f, params_f, batches)
     quant_loss = quantized.eval_loss(graphdef_q, state_q, batches)
     report["eval"] = {
         "batches": len(batches),

@@ -101,6 +101,20 @@ def test_lora_checkpoint_holds_adapters_and_names_its_base(lora_run, base_run):
   assert float(jnp.abs(nnx.merge(base.graphdef, base.params)(tokens) - want).max()) > 1e-3
 
 
+def test_a_lora_run_quantizes_with_its_adapters_merged(lora_run, tmp_path):
+  from llmjax.model.quant import QuantConfig
+  from llmjax.runs.quantize_run import quantize_run
+  from llmjax.runs.quantized import eval_loss
+  workdir, _ = lora_run
+  report = quantize_run(workdir, str(tmp_path / "q"), QuantConfig("int8"), eval_data=DATA)
+  run = load_run(workdir)
+  batches = pipeline.eval_batches(DATA, run.tokenizer, pipeline.document_sources(DATA)[1])
+  # The float side of the report is the LoRA model itself.
+  assert report["eval"]["float_loss"] == pytest.approx(
+      eval_loss(run.graphdef, run.params, batches), rel=1e-5)
+  assert abs(report["eval"]["relative_increase"]) < 0.01
+
+
 def test_lora_run_with_dropout_resumes_bit_exactly(lora_run, tmp_path, tokenizer_path,
                                                     base_run):
   _, straight = lora_run
