@@ -66,6 +66,19 @@ def test_loss_and_gradients_match_one_device(mesh_results, mesh):
   assert r["vocab_parallel_loss"] == (mesh in ("1,1,8", "2,2,2"))
 
 
+def test_microbatch_rows_replicated_over_data_are_counted_once():
+  # grad_accum 4 on 8 rows: 2 rows per microbatch over 4 data devices, so each microbatch
+  # is replicated over `data` while the vocab-parallel loss runs under shard_map.
+  r = json.loads(finish(worker("accum", "--mesh=4,1,2", "--devices=8")).strip().splitlines()[-1])
+  assert r["vocab_parallel_loss"]
+  m, ref = r["metrics"], r["ref_metrics"]
+  assert ref["target_tokens"] == r["expected_count"]
+  assert m["target_tokens"] == ref["target_tokens"]  # not 4x: one count per row, not per replica
+  assert m["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+  assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+  assert r["update_max_abs_diff"] <= 1e-5 * r["update_max_abs"] + 1e-7
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
