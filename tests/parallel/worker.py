@@ -178,9 +178,9 @@ def train(args):
   from jax.experimental import multihost_utils
   params = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
             for x in jax.tree.leaves(result.params)]
-  losses = [r["loss"] for r in metrics.read_metrics(args.workdir)
-            if r["kind"] == "train"] if p == 0 else []
-  return {"params": params, "losses": losses,
+  records = [r for r in metrics.read_metrics(args.workdir) if r["kind"] == "train"] if p == 0 else []
+  return {"params": params, "steps": [r["step"] for r in records],
+          **{key: [r[key] for r in records] for key in ("loss", "grad_norm", "target_tokens")},
           "specs": [str(x.sharding.spec) for x in jax.tree.leaves(result.params)]}
 
 
