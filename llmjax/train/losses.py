@@ -47,7 +47,11 @@ def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array,
   if logits_spec[2] != "tensor":
     return token_cross_entropy(logits, targets, weights)
   row_spec = P(logits_spec[0], None)
-  batch_axes = tuple(a for a in mesh.axis_names if a != "tensor")
+  # Sum over the mesh axes that split the rows, and only those: rows that do not divide
+  # over data x fsdp (a small microbatch) are replicated there, and a psum over a replicated
+  # axis would count every row once per replica.
+  rows = logits_spec[0]
+  batch_axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
 
   def per_device(lg, t, w):
     lg = lg.astype(jnp.float32)
@@ -60,8 +64,10 @@ def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array,
     picked = jnp.take_along_axis(lg, jnp.clip(local_t, 0, local_vocab - 1)[..., None], -1)[..., 0]
     target_logit = jax.lax.psum(jnp.where(here, picked, 0.0), "tensor")
     losses = jnp.log(sum_exp) + m - target_logit
-    return (jax.lax.psum(jnp.sum(losses * w), batch_axes),
-            jax.lax.psum(jnp.sum(w), batch_axes))
+    loss_sum, count = jnp.sum(losses * w), jnp.sum(w)
+    if batch_axes:
+      loss_sum, count = jax.lax.psum(loss_sum, batch_axes), jax.lax.psum(count, batch_axes)
+    return loss_sum, count
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(logits_spec, row_spec, row_spec),
                        out_specs=(P(), P()), check_vma=False)(logits, targets, weights)

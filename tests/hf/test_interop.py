@@ -30,8 +30,12 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 384  # room for the SentencePiece byte pieces, so a real tokenizer fits
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
+# A small original context (16) so the test sequences (48 tokens) run past it, where the
+# Llama-3 frequency scaling changes rotation angles by radians; with the real 8192 it moves
+# the logits of a short sequence by less than the comparison's tolerance.
+ROPE_ORIGINAL_MAX = 16
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+               "high_freq_factor": 4.0, "original_max_position_embeddings": ROPE_ORIGINAL_MAX}
 SAMPLE = "Alice has 12 cats and  two dogs.\n<|im_start|>user\nhi there<|im_end|> café 🙂"
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 
@@ -106,14 +110,22 @@ def test_import_matches_hf_logits(imported):
   assert run.stage == "import" and run.step == 0 and run.tokenizer is None
   cfg = run.model_cfg
   if kind == "llama3":
-    assert cfg.rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192) and cfg.rope_theta == 5e5
-    assert not cfg.qkv_bias and not cfg.tie_embeddings
+    assert cfg.rope_scaling == RopeScaling(32.0, 1.0, 4.0, ROPE_ORIGINAL_MAX)
+    assert cfg.rope_theta == 5e5 and not cfg.qkv_bias and not cfg.tie_embeddings
   else:
     assert cfg.qkv_bias and cfg.tie_embeddings
   for seed in range(2):
-    tokens = _tokens(seed)
-    diff = np.abs(_hf_logits(model, tokens) - _our_logits(run.graphdef, run.params, tokens))
+    tokens = _tokens(seed, (2, 3 * ROPE_ORIGINAL_MAX))  # positions up to 3x the original
+    hf = _hf_logits(model, tokens)
+    diff = np.abs(hf - _our_logits(run.graphdef, run.params, tokens))
     assert diff.max() < 1e-4, (kind, diff.max())
+  if kind == "llama3":
+    # The comparison can see the scaling: without it the same weights give logits over 10x
+    # the tolerance away (measured 6e-3; with the real original context 8192 and 24 tokens,
+    # as this test had before, 3e-5: under the tolerance, so disabling scaling passed).
+    unscaled = nnx.split(nnx.eval_shape(
+        lambda: build_model(dataclasses.replace(cfg, rope_scaling=None))))[0]
+    assert np.abs(hf - _our_logits(unscaled, run.params, tokens)).max() > 1e-3
 
 
 def test_roundtrip_is_bitwise(imported, tmp_path):

@@ -4,6 +4,7 @@ because the device count is fixed when jax starts).
   python tests/parallel/worker.py meshes
   python tests/parallel/worker.py train --mesh=1,4,1 --workdir=W --out=F [--process_id=...]
   python tests/parallel/worker.py restore --mesh=1,1,2 --workdir=W --out=F
+  python tests/parallel/worker.py accum --mesh=4,1,2
 """
 
 import argparse
@@ -95,6 +96,65 @@ def meshes(_):
   return results
 
 
+def accum(args):
+  """One train step with grad_accum 4 on `--mesh` vs one device: metrics and the update.
+
+  8 rows in 4 microbatches leave 2 rows per microbatch, fewer than the 4 data devices of
+  mesh 4,1,2: the rows of a microbatch are replicated, not split, over `data`.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.train import loop
+  from llmjax.train.losses import lm_objective
+
+  cfg = model_cfg()
+  graphdef, params = nnx.split(build_model(cfg, seed=0))
+  batch = batches(1)[0]
+  # Unequal microbatches (rows 0 and 4 are microbatch 0), and a count no multiple of the
+  # mesh sizes, so a count scaled by any replication factor cannot pass for the true one.
+  batch["loss_mask"][0, 5:] = 0
+  batch["loss_mask"][4, 11:] = 0
+  batch["loss_mask"][3, :7] = 0
+  # SGD with lr 1: the update is the gradient itself, so a scaled gradient shows.
+  tx, sched = optax.sgd(1.0), optax.constant_schedule(1.0)
+  train_step = loop.make_train_step({"policy": graphdef}, tx, sched, lm_objective(),
+                                    grad_accum_steps=4)
+
+  def step(state, b):
+    return train_step(state, {"policy": nnx.State({})}, b)
+
+  def state_of(p):
+    return loop.init_train_state({"policy": p}, tx)
+
+  one = jax.devices()[0]
+  ref_state, ref_metrics = jax.jit(step)(jax.device_put(state_of(params), one),
+                                         jax.device_put(batch, one))
+  mesh = mesh_of(args.mesh)
+  rules = mesh_lib.RULE_SETS["fsdp_tensor"]
+  p_shard = mesh_lib.param_shardings(params, mesh, rules)
+  b_shard = mesh_lib.batch_sharding(mesh, rules)
+
+  def fn(state, b):
+    with mesh_lib.activation_sharding(mesh, rules):
+      return step(state, b)
+  sharded = jax.jit(lambda p: p, out_shardings=p_shard)(params)
+  state, metrics = jax.jit(fn)(state_of(sharded), mesh_lib.host_batch_to_global(batch, b_shard))
+  jaxpr = str(jax.make_jaxpr(fn)(state_of(sharded), batch))
+  new, ref = jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])
+  return {"vocab_parallel_loss": "shard_map" in jaxpr,
+          "metrics": {k: float(v) for k, v in metrics.items()},
+          "ref_metrics": {k: float(v) for k, v in ref_metrics.items()},
+          "expected_count": float(batch["loss_mask"].sum()),
+          "update_max_abs_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                     for a, b in zip(new, ref)),
+          "update_max_abs": max(float(np.abs(np.asarray(a) - np.asarray(p)).max())
+                                for a, p in zip(ref, jax.tree.leaves(params)))}
+
+
 def train(args):
   """A few steps of the real loop on `--mesh`; this process feeds its rows of each batch."""
   import grain
@@ -123,9 +183,9 @@ def train(args):
   from jax.experimental import multihost_utils
   params = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
             for x in jax.tree.leaves(result.params)]
-  losses = [r["loss"] for r in metrics.read_metrics(args.workdir)
-            if r["kind"] == "train"] if p == 0 else []
-  return {"params": params, "losses": losses,
+  records = [r for r in metrics.read_metrics(args.workdir) if r["kind"] == "train"] if p == 0 else []
+  return {"params": params, "steps": [r["step"] for r in records],
+          **{key: [r[key] for r in records] for key in ("loss", "grad_norm", "target_tokens")},
           "specs": [str(x.sharding.spec) for x in jax.tree.leaves(result.params)]}
 
 
@@ -175,7 +235,7 @@ def sample(args):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["meshes", "train", "restore", "sample"])
+  parser.add_argument("mode", choices=["meshes", "train", "restore", "sample", "accum"])
   parser.add_argument("--mesh", default="1,1,1")
   parser.add_argument("--workdir")
   parser.add_argument("--out")
@@ -190,8 +250,8 @@ def main():
   if args.coordinator:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   result = {"meshes": meshes, "train": train, "restore": restore,
-            "sample": sample}[args.mode](args)
-  if args.mode in ("meshes", "sample"):
+            "sample": sample, "accum": accum}[args.mode](args)
+  if args.mode in ("meshes", "sample", "accum"):
     print(json.dumps(result))
   elif args.out and (args.process_id or 0) == 0:
     np.savez(args.out, *result.pop("params"))

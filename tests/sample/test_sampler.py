@@ -142,3 +142,71 @@ def test_bad_requests(model):
     sampler.sample([[5]], max_new_tokens=4, top_p=0.0)
   with pytest.raises(ConfigError, match="longer than the largest prompt bucket"):
     Sampler(graphdef, params, prompt_buckets=(8,)).sample([[5] * 9], max_new_tokens=4)
+
+
+SAMPLES = 10_000
+
+
+@pytest.fixture(scope="module")
+def sharp_model(model):
+  """The model with its output layer doubled: a few tokens carry most of the mass, so top-k
+  and top-p cut where it shows (the plain model spreads 0.7 of its mass over ~80 tokens)."""
+  graphdef, params = model
+  double = lambda path, x: x * 2 if "lm_head" in jax.tree_util.keystr(path) else x
+  return graphdef, jax.tree_util.tree_map_with_path(double, params)
+
+
+def truncated_distribution(logits: np.ndarray, temperature: float, top_k: int,
+                           top_p: float) -> np.ndarray:
+  """What top-k then top-p sampling draws from, by their definitions, in float64."""
+  x = logits.astype(np.float64) / temperature
+  probs = np.exp(x - x.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs, kind="stable")
+  kept = order[:top_k] if top_k else order
+  q = probs[kept] / probs[kept].sum()
+  if top_p < 1:
+    # The nucleus: the fewest most-probable tokens whose mass reaches top_p. Float32 logits
+    # must not be able to move the cut: no cumulative mass within 1e-3 of top_p.
+    cum = np.cumsum(q)
+    assert np.abs(cum - top_p).min() > 1e-3
+    n = int(np.searchsorted(cum, top_p)) + 1
+    kept, q = kept[:n], q[:n] / cum[n - 1]
+  out = np.zeros_like(probs)
+  out[kept] = q
+  return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,support", [
+    (1.0, 3, 1.0, 3),
+    (1.0, 0, 0.7, 7),
+    # top-p applies to the renormalized top-k distribution of the tempered logits: here
+    # top-k alone keeps 6 tokens, top-p alone 12, both at temperature 1 keep 3.
+    (1.2, 6, 0.7, 4),
+])
+def test_top_k_top_p_sample_the_truncated_distribution(sharp_model, prompts, temperature,
+                                                       top_k, top_p, support):
+  graphdef, params = sharp_model
+  prompt = prompts[2]
+  logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray([prompt]))[0, -1])
+  expected = truncated_distribution(logits, temperature, top_k, top_p)
+  allowed = expected > 0
+  assert allowed.sum() == support  # no case degenerates to one token or to the whole vocab
+  out = Sampler(graphdef, params, eos_ids=[]).sample(
+      [prompt], max_new_tokens=1, num_samples=SAMPLES, temperature=temperature, top_k=top_k,
+      top_p=top_p, seed=11)
+  tokens = out.tokens[0, :, 0]
+  counts = np.bincount(tokens, minlength=MODEL.vocab_size)
+  assert counts[~allowed].sum() == 0  # nothing outside the top-k / nucleus, ever
+  # Each allowed token's frequency within 5 standard errors sqrt(q (1 - q) / n) of its
+  # probability (n = 10^4: +-0.02 at q = 0.3; the least likely allowed token here has
+  # q > 0.05, 500 expected draws). A correct sampler misses this with probability < 1e-5,
+  # and the seed is fixed; a missing or extra token, or a wrong renormalization, misses it
+  # by far.
+  freq, q = counts[allowed] / SAMPLES, expected[allowed]
+  np.testing.assert_array_less(np.abs(freq - q), 5 * np.sqrt(q * (1 - q) / SAMPLES))
+  # Per sample, the reported log-probabilities: of the sampled and of the model distribution.
+  np.testing.assert_allclose(out.sampling_logprobs[0, :, 0], np.log(expected[tokens]),
+                             atol=1e-4)
+  model_logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+  np.testing.assert_allclose(out.logprobs[0, :, 0], model_logp[tokens], atol=1e-4)

@@ -93,13 +93,20 @@ def test_epochs_reshuffle_and_cover_every_document(tokenizer, tmp_path):
   path.write_text("\n\n".join(f"document number {i}" for i in range(10)))
   cfg = pipeline.DataConfig(format="text", seq_len=8, batch_size=1, num_epochs=2)
   source = TextSource([str(path)])
-  seen = []
+  # Rows are consecutive cuts of one token stream (the last row padded), so the stream of
+  # real tokens, cut at each bos, gives back the documents in the order they were read.
+  stream = []
   for batch in pipeline.train_dataset(cfg, tokenizer, source):
-    seen.append(batch["tokens"][0].tolist())
-  assert len(seen) > 0
-  # Each document is "document number i" + bos/eos; count bos tokens = documents read.
-  bos = sum(row.count(tokenizer.bos_id) for row in seen)
-  assert bos <= 20 and bos >= 19  # the last partial row is dropped at most
+    stream += batch["tokens"][0][batch["segment_ids"][0] != 0].tolist()
+  starts = [i for i, t in enumerate(stream) if t == tokenizer.bos_id] + [len(stream)]
+  assert starts[0] == 0
+  texts = [tokenizer.decode(stream[a + 1:b]) for a, b in zip(starts, starts[1:])]
+  assert all(t.startswith("document number ") for t in texts), texts
+  order = [int(t.rsplit(" ", 1)[1]) for t in texts]
+  first, second = order[:10], order[10:]
+  assert sorted(first) == sorted(second) == list(range(10)), order  # each epoch: all, once
+  assert first != second  # the second epoch is shuffled anew
+  assert first != list(range(10))
 
 
 def test_processes_read_disjoint_documents(sources, tokenizer):
