@@ -1,8 +1,18 @@
 """Fixtures shared by the whole suite: one tokenizer and one tiny model config, built once."""
 
 import dataclasses
+import os
+import tempfile
 
+import jax
 import pytest
+
+# Many tests compile the same programs (a train step per run, resumed runs, the worker
+# subprocesses, which inherit the environment): XLA's persistent cache compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"llmjax-test-xla-cache-{os.getuid()}"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 from llmjax.data import synthetic
 from llmjax.data.tokenizer import train_tokenizer

@@ -26,6 +26,18 @@ PRETRAIN_STEPS, SFT_STEPS = 200, 150
 HELD_OUT = 300  # the whole default eval split: held-out phrasings and arithmetic
 
 
+def sft_stage(tok: TokenizerConfig, learning_rate: float, **kwargs) -> SFT:
+  return SFT(
+      model=TEST_MODEL,
+      data=instructions.SFTDataConfig(seq_len=128, batch_size=16, builtin_train=800,
+                                      builtin_eval=HELD_OUT, eval_batches=1),
+      train=loop.TrainConfig(total_steps=SFT_STEPS, log_every=50, eval_every=SFT_STEPS,
+                             checkpoint_every=SFT_STEPS),
+      optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_steps=20,
+                                weight_decay=0.0),
+      tokenizer=tok, eval_questions=HELD_OUT, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tokenizer_path):
   workdir = str(tmp_path_factory.mktemp("pipeline"))
@@ -36,14 +48,7 @@ def pipeline_run(tmp_path_factory, tokenizer_path):
                              eval_every=PRETRAIN_STEPS, checkpoint_every=PRETRAIN_STEPS),
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.1),
       tokenizer=tok)
-  sft = SFT(
-      model=TEST_MODEL,
-      data=instructions.SFTDataConfig(seq_len=128, batch_size=16, builtin_train=800,
-                                      builtin_eval=HELD_OUT, eval_batches=1),
-      train=loop.TrainConfig(total_steps=SFT_STEPS, log_every=50, eval_every=SFT_STEPS,
-                             checkpoint_every=SFT_STEPS),
-      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0),
-      tokenizer=tok, eval_questions=HELD_OUT)
+  sft = sft_stage(tok, learning_rate=3e-3)
   t0 = time.time()
   run_stages([pre, sft], RunContext(workdir=workdir))
   print(f"pipeline: {time.time() - t0:.0f}s")
@@ -74,16 +79,9 @@ def test_sft_raises_held_out_exact_match(pipeline_run, tokenizer):
 def lora_sft_run(pipeline_run, tmp_path_factory, tokenizer_path):
   """LoRA SFT (r=16 on every projection) from the same pretrained stage, its own workdir."""
   workdir = str(tmp_path_factory.mktemp("lora_sft"))
-  sft = SFT(
-      model=TEST_MODEL,
-      data=instructions.SFTDataConfig(seq_len=128, batch_size=16, builtin_train=800,
-                                      builtin_eval=HELD_OUT, eval_batches=1),
-      train=loop.TrainConfig(total_steps=SFT_STEPS, log_every=50, eval_every=SFT_STEPS,
-                             checkpoint_every=SFT_STEPS),
-      optimizer=OptimizerConfig(learning_rate=7e-3, warmup_steps=20, weight_decay=0.0),
-      tokenizer=TokenizerConfig(path=tokenizer_path), eval_questions=HELD_OUT,
-      init_from=f"{pipeline_run}:pretrain",
-      lora=LoraConfig(rank=16, alpha=32.0, target_modules=LORA_TARGETS))
+  sft = sft_stage(TokenizerConfig(path=tokenizer_path), learning_rate=7e-3,
+                  init_from=f"{pipeline_run}:pretrain",
+                  lora=LoraConfig(rank=16, alpha=32.0, target_modules=LORA_TARGETS))
   run_stages([sft], RunContext(workdir=workdir))
   return workdir
 

@@ -2,6 +2,7 @@
 checkpoints that hold adapters alone and resume exactly."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -135,6 +136,13 @@ def test_resume_on_another_base_is_refused(lora_run, tokenizer_path, tmp_path, b
                RunContext(workdir=workdir))
 
 
+def test_adapters_whose_base_is_gone_say_where_it_was():
+  from llmjax.runs.load import load_base
+  gone = {"workdir": "/no/such/run", "stage": "pretrain", "step": 6}
+  with pytest.raises(CheckpointError, match="trained on .*/no/such/run.* cannot be found"):
+    load_base({"base": gone}, "runs/x/checkpoints/sft/100")
+
+
 def test_lora_without_a_base_fails_before_any_compile(tokenizer_path, tmp_path):
   with pytest.raises(ConfigError, match="pretrain.lora is set but pretrain has no base"):
     run_stages([stage(tokenizer_path, lora_cfg=LORA)], RunContext(workdir=str(tmp_path)))
@@ -165,16 +173,22 @@ def test_aux_metrics_add_up_exactly_over_microbatches(tokenizer):
   tx, sched = optax.sgd(0.0), optax.constant_schedule(0.0)
   for accum in (1, 2, 4):
     step = jax.jit(loop.make_train_step({"policy": graphdef}, tx, sched, accuracy_loss, accum))
-    _, m = step(loop.init_train_state({"policy": params}, tx), {"policy": nnx.State({})},
-                batch)
+    state = loop.init_train_state({"policy": params}, tx)
+    new_state, m = step(state, {"policy": nnx.State({})}, batch)
+    assert not np.array_equal(new_state["rng"], state["rng"])  # the RNG advances each step
     assert float(m["accuracy"]) == pytest.approx(expected, abs=1e-7)
     # Each microbatch reports (its rows, 1): the sum over them is the batch, the count accum.
     assert float(m["rows"]) == pytest.approx(4 / accum)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def greedy_targets(graphdef, params, tokens):
+  return jnp.argmax(nnx.merge(graphdef, params)(tokens), -1).astype(jnp.int32)
+
+
 class GreedyEcho(loop.BatchSource):
-  """Batches sampled from the live policy: each row is a random prompt token followed by the
-  policy's greedy continuation of it, one token at a time (a miniature rollout)."""
+  """Batches made by the live policy: random prompts, and as targets the policy's own greedy
+  next-token predictions (a miniature rollout, one forward pass per batch)."""
 
   def __init__(self, seed=0, rows=4, length=12):
     self.seed, self.rows, self.length, self.made = seed, rows, length, 0
@@ -182,19 +196,15 @@ class GreedyEcho(loop.BatchSource):
 
   def next_batch(self, view):
     key = jax.random.fold_in(jax.random.key(self.seed), self.made)
-    tokens = jax.random.randint(key, (self.rows, 1), 0, MODEL.vocab_size)
-    model = nnx.merge(view.graphdef, view.params)
-    for _ in range(self.length):
-      nxt = jnp.argmax(model(tokens)[:, -1], -1)[:, None]
-      tokens = jnp.concatenate([tokens, nxt], axis=1)
-    tokens = np.asarray(tokens, np.int32)
+    tokens = np.asarray(jax.random.randint(key, (self.rows, self.length), 0,
+                                           MODEL.vocab_size), np.int32)
+    targets = np.asarray(greedy_targets(view.graphdef, view.params, tokens))
     ones = np.ones((self.rows, self.length), np.int32)
     self.made += 1
     self.seen_steps.append(view.step)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones,
-            "segment_ids": ones, "positions": np.broadcast_to(np.arange(self.length,
-                                                                        dtype=np.int32),
-                                                              ones.shape).copy()}
+    positions = np.broadcast_to(np.arange(self.length, dtype=np.int32), ones.shape).copy()
+    return {"tokens": tokens, "targets": targets, "loss_mask": ones, "segment_ids": ones,
+            "positions": positions}
 
   def get_state(self):
     return json.dumps({"made": self.made}).encode()
