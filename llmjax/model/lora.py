@@ -174,12 +174,12 @@ def dropout_key(key: jax.Array | None):
   Each adapter call folds in its own trace-order index, so adapters differ; outside, dropout
   is off (evaluation, sampling).
   """
-  previous = getattr(_local, "key", None)
+  previous = getattr(_local, "key", None), getattr(_local, "calls", 0)
   _local.key, _local.calls = key, 0
   try:
     yield
   finally:
-    _local.key = previous
+    _local.key, _local.calls = previous
 
 
 @contextlib.contextmanager

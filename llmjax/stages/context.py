@@ -47,9 +47,19 @@ class StageOutput:
   source: dict[str, Any]
 
   def float_params(self) -> Any:
-    """The parameters of a plain float model (LoRA adapters merged)."""
+    """The parameters of a plain float model (LoRA adapters merged, quantized weights
+    dequantized)."""
     from llmjax.runs.load import merged_params
     return merged_params(self.graphdef, self.params)
+
+  def frozen_role(self) -> Any:
+    """This model as a frozen role of another stage (reference, reward, teacher), in its
+    plain float form: merged once, rather than recomputing adapters every step."""
+    from flax import nnx
+    from llmjax.model.transformer import build_model
+    from llmjax.train.roles import Role
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(self.model_cfg)))[0]
+    return Role.frozen(graphdef, self.float_params(), self.model_cfg)
 
 
 @dataclasses.dataclass

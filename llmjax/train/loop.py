@@ -101,9 +101,10 @@ def _trainables(state: dict[str, Any]) -> dict[str, nnx.State]:
   return {roles_lib.POLICY: state["params"], **state.get("role_params", {})}
 
 
-def _models(graphdefs, trainables, frozen) -> dict[str, nnx.Module]:
+def _models(graphdefs, trainables, frozen) -> dict[str, Any]:
+  """Each role's model; those without trainable state behind `roles.Frozen`."""
   return {name: nnx.merge(gd, trainables[name], frozen[name]) if name in trainables
-          else nnx.merge(gd, frozen[name]) for name, gd in graphdefs.items()}
+          else roles_lib.Frozen(nnx.merge(gd, frozen[name])) for name, gd in graphdefs.items()}
 
 
 def _call_loss(loss_fn: LossFn, models: dict[str, nnx.Module], batch) -> LossOutput:

@@ -11,8 +11,10 @@ function per role, placed on the mesh by the same logical-axis rules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
+import jax
 from flax import nnx
 
 from llmjax.errors import ConfigError
@@ -46,6 +48,29 @@ class Role:
              config: ModelConfig | None = None) -> "Role":
     """An already-built model that does not train (a reference, reward or teacher model)."""
     return cls(lambda p: nnx.merge(graphdef, p), params, nnx.Nothing, config)
+
+
+class Frozen:
+  """A frozen role's model as a loss function sees it: every method's outputs carry no
+  gradient, and LoRA dropout never runs in it (frozen by construction, whatever the loss
+  does with it)."""
+
+  def __init__(self, model: nnx.Module):
+    self._model = model
+
+  def __getattr__(self, name: str) -> Any:
+    attr = getattr(self._model, name)
+    if not callable(attr):
+      return attr
+
+    @functools.wraps(attr)
+    def frozen_call(*args, **kwargs):
+      with lora.dropout_key(None):
+        return jax.tree.map(jax.lax.stop_gradient, attr(*args, **kwargs))
+    return frozen_call
+
+  def __call__(self, *args, **kwargs):
+    return self.__getattr__("__call__")(*args, **kwargs)
 
 
 def policy_role(cfg: ModelConfig, init: Any = None, lora_cfg: lora.LoraConfig | None = None,

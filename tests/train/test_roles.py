@@ -297,3 +297,29 @@ def test_a_lora_policy_is_its_own_reference_without_a_second_copy():
   with pytest.raises(ConfigError, match="needs a reference model"):
     roles.reference_model(plain, {})
   assert roles.reference_model(plain, {"reference": "given"}) == "given"
+
+
+def test_frozen_roles_run_without_dropout_and_pass_no_gradient():
+  cfg = dataclasses.replace(LORA, dropout=0.5)
+  model = lora.add_lora(loop.build_model(MODEL), cfg)
+  graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+  adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B != 0: dropout would show
+  model = nnx.merge(graphdef, adapters, rest)
+  tokens = jnp.arange(16).reshape(2, 8)
+  plain = model(tokens)
+  with lora.dropout_key(jax.random.key(0)):
+    trained_view = model(tokens)
+    frozen_view = roles.Frozen(model)(tokens)
+  assert float(jnp.abs(trained_view - plain).max()) > 0
+  np.testing.assert_array_equal(frozen_view, plain)
+  grad = jax.grad(lambda h: jnp.sum(roles.Frozen(model).logits(h)))(jnp.ones((1, 2, 64)))
+  assert float(jnp.abs(grad).max()) == 0
+
+
+def test_a_lora_stage_output_serves_as_a_merged_frozen_role(lora_run):
+  _, out = lora_run
+  role = out.frozen_role()
+  assert role.trainable is nnx.Nothing and not lora.has_lora(role.init)
+  tokens = jnp.arange(24).reshape(2, 12) % MODEL.vocab_size
+  np.testing.assert_allclose(role.build(role.init)(tokens),
+                             nnx.merge(out.graphdef, out.params)(tokens), atol=1e-5)
