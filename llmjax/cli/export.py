@@ -19,7 +19,8 @@ from llmjax.cli import common
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's (or an llmjax-import's) directory.")
 flags.DEFINE_string("output", None, "The HF model folder to write (must not exist).")
-flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the newest saved).")
+flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the last stage of "
+                    "the run's pipeline, in run.json).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                   "Stored dtype (default: the checkpoint's param_dtype).")

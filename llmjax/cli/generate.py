@@ -25,7 +25,8 @@ flags.DEFINE_multi_string("prompt", [], "Prompt text (repeatable); all run as on
 flags.DEFINE_bool("chat", False, "Interactive chat on stdin with the run's chat template.")
 flags.DEFINE_string("chat_template", None, "Template for --chat (default: the checkpoint's).")
 flags.DEFINE_string("system", None, "A system message for --chat.")
-flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the newest saved).")
+flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the last stage of "
+                    "the run's pipeline, in run.json).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_integer("max_new_tokens", 48, "Tokens to generate per prompt.")
 flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")

@@ -26,7 +26,8 @@ from llmjax.errors import ConfigError
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's (or an llmjax-import's) directory.")
 flags.DEFINE_string("output", None, "Directory to write the quantized checkpoint and report to.")
-flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the newest saved).")
+flags.DEFINE_string("stage", None, "Which stage's checkpoint (default: the last stage of "
+                    "the run's pipeline, in run.json).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_enum("scheme", None, ["int4", "nf4", "int8"], "Quantization scheme.")
 flags.DEFINE_integer("group_size", None, "Rows per int4/NF4 scale: 32, 64 or 128.")

@@ -156,7 +156,10 @@ class _AtomicDir:
     if exc_type is not None:
       shutil.rmtree(self.tmp, ignore_errors=True)
       return
-    os.chmod(self.tmp, 0o755)  # mkdtemp makes it owner-only; an export is meant to be shared
+    # mkdtemp and safetensors make folder and weights owner-only; an export is to be shared.
+    os.chmod(self.tmp, 0o755)
+    for name in os.listdir(self.tmp):
+      os.chmod(os.path.join(self.tmp, name), 0o644)
     old = None
     if os.path.exists(self.output):
       if os.path.isdir(self.output) and not os.listdir(self.output):

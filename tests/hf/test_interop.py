@@ -201,6 +201,8 @@ def test_export_loads_in_transformers(llmjax_run, tmp_path, sp_tokenizer):
   workdir, graphdef, params = llmjax_run
   out = export.export_run(workdir, str(tmp_path / "hf"))
   assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model.safetensors"]
+  # Readable by others: an export is handed to other users and services.
+  assert all(os.stat(os.path.join(out, f)).st_mode & 0o044 == 0o044 for f in os.listdir(out))
   _check_loads(out, graphdef, params)
   # transformers 5 forces Qwen2Tokenizer (byte-level) on model_type qwen2, so a SentencePiece
   # tokenizer of a Qwen2 export is loaded by the generic class; AutoTokenizer for Llama.
