@@ -28,9 +28,10 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["llmjax", "llmjax.*"]),
     install_requires=CORE,
     extras_require={
-        # torch (CPU build) and transformers are the real client that proves HF interop.
+        # torch (CPU build), transformers and peft are the real clients that prove HF and
+        # PEFT interop.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<2.14",
-                 "transformers>=4.45"],
+                 "transformers>=4.45", "peft>=0.13"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
