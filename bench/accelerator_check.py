@@ -264,13 +264,13 @@ def parts(smoke: bool) -> list[Part]:
 
 # ---- Running them -----------------------------------------------------------------------
 
-_GIN_STUB = '''"""Import stub of gin-config (bench/accelerator_check.py): no gin bindings are used."""
+_GIN_STUB = '''"""Import stub of gin-config (bench/accelerator_check.py): no bindings are used."""
 def configurable(*args, **kwargs):
   if len(args) == 1 and callable(args[0]) and not kwargs:
     return args[0]
   return lambda fn: fn
 '''
-_GRAIN_STUB = '''"""Import stub of grain (bench/accelerator_check.py): the benches never checkpoint data."""
+_GRAIN_STUB = '''"""Import stub of grain (bench/accelerator_check.py): nothing checkpoints."""
 def __getattr__(name):
   raise ImportError(f"grain.{name}: grain is not installed here (an import stub stands in)")
 '''
@@ -326,10 +326,11 @@ class Running:
     except Exception as e:  # a part's odd output must not sink the table
       key = f"(could not read its output: {e})"
     if status != "ok":
-      lines = [l for l in text.splitlines() if l.strip()]
-      last = next((l for l in reversed(lines) if "Error" in l or "error" in l),
-                  lines[-1] if lines else "no output")
-      key = f"{key}; {last.strip()[:200]}" if key else last.strip()[:200]
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
+      why = next((l for l in reversed(lines) if "Error" in l or "error" in l),
+                 "no error printed" if status.startswith("failed") else "still running")
+      key = f"{key}; {why[:200]}" if key else why[:200]
+    key = key.replace("|", "\\|")  # a cell of the summary table
     print(f"\n===== {self.part.name}: {status}, {seconds:.0f} s ({self.log_path}) =====\n"
           f"{text}", flush=True)
     return {"part": self.part.name, "status": status, "key": key or "-",

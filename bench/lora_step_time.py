@@ -86,12 +86,12 @@ class Variant:
 
 
 def main(_):
+  on_cpu = FLAGS.lora_kernel == "auto" and jax.default_backend() == "cpu"
   print(f"# train step time ({jax.devices()[0].device_kind}, jax {jax.__version__}); compute "
         f"{FLAGS.dtype}, params {FLAGS.param_dtype}, attention {FLAGS.attention}, remat "
         f"{FLAGS.remat}, scan_layers={FLAGS.scan_layers}, LoRA r={FLAGS.rank} kernel "
-        f"{FLAGS.lora_kernel}"
-        f"{' (xla on cpu)' if FLAGS.lora_kernel == 'auto' and jax.default_backend() == 'cpu' else ''}"
-        f"; median of {FLAGS.rounds}x{FLAGS.steps} timed steps")
+        f"{FLAGS.lora_kernel}{' (xla on cpu)' if on_cpu else ''}; median of "
+        f"{FLAGS.rounds}x{FLAGS.steps} timed steps")
   print("| model | variant | trainable | batch | step | tokens/s | vs frozen | compile |")
   print("|---|---|---|---|---|---|---|---|")
   for preset in FLAGS.presets:
