@@ -3,8 +3,8 @@
   python bench/lora_step_time.py --presets=tiny --batch_size=8 --seq_len=256         # CPU
   python bench/lora_step_time.py --presets=llama_100m --batch_size=2 --seq_len=256 --steps=3
   python bench/lora_step_time.py --presets=llama3_1b --dtype=bfloat16 \\
-      --param_dtype=bfloat16 --attention=dot_product --remat=dots --batch_size=8 \\
-      --seq_len=2048                                                         # one GPU
+      --param_dtype=bfloat16 --attention=dot_product --remat=none --scan_layers \\
+      --batch_size=4 --seq_len=2048                                          # one GPU
 
 Three steps of the train loop on the same model and batch (`lora_variants.py`):
   frozen: only the first block's input_norm weight trains, so the backward pass runs through
@@ -12,11 +12,14 @@ Three steps of the train loop on the same model and batch (`lora_variants.py`):
           the floor a LoRA step cannot go below.
   lora:   r=16 adapters on all seven block projections, base frozen.
   full:   every parameter trains (for context).
-The issue's target is lora <= 1.10x frozen. The LoRA kernel is 'auto': the fused Pallas
-kernel on GPU/TPU, the XLA three-matmul path on CPU (interpret mode would time an emulator).
+The issue's target is lora <= 1.10x frozen. Prefer --remat=none (or scan_layers with remat):
+under 'dots' the Pallas LoRA output is not saved and is recomputed in the backward, and
+remat without scan_layers fails to trace with a frozen base (bench/RESULTS.md). The LoRA
+kernel is 'auto': the fused Pallas kernel on GPU/TPU, the XLA three-matmul path on CPU
+(interpret mode would time an emulator).
 
 The variants take turns (`--rounds` of `--steps` timed steps each, after the compile and one
-warm-up step), so load from other jobs falls on all of them; the reported time is the median
+more untimed step), so load from other jobs falls on all of them; the reported time is the median
 of each variant's timed steps.
 """
 
