@@ -29,11 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.errors import ConfigError
 from llmjax.kernels import lora_matmul
 from llmjax.model import weights
-from llmjax.model.matmul import contracted_axes
+from llmjax.model.matmul import CHECKPOINT_NAME, contracted_axes
 
 TARGET_MODULES = weights.ATTENTION + weights.MLP + ("lm_head",)
 KERNELS = ("auto", "pallas", "xla")
@@ -232,6 +233,9 @@ def lora_project(x: jax.Array, w: LoraTensor, spec: str, dtype, out_dtype=None,
   if w.kernel == "pallas" and w.dropout == 0.0 and isinstance(w.base, jax.Array):
     y = lora_matmul(x2, jax.lax.stop_gradient(w.base).reshape(d_in, d_out).astype(dtype),
                     a2.astype(dtype), b2.astype(dtype), w.scale)
+    # Named like weight_matmul's outputs, so the 'dots' remat policies keep it rather than
+    # rerunning the kernel in the backward pass (a pallas_call is not a dot to them).
+    y = checkpoint_name(y, CHECKPOINT_NAME)
     return y.astype(out_dtype).reshape(*lead, *out_shape)
   base = base_project(x, jax.lax.stop_gradient(w.base), spec, dtype)
   xa = jnp.dot(_dropout(x2, w.dropout), a2.astype(dtype), preferred_element_type=jnp.float32)

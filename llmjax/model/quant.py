@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.errors import ConfigError
 from llmjax.kernels import Int4Weight, dequantize_int4, int4_matmul, quantize_int4
 from llmjax.model import weights
+from llmjax.model.matmul import CHECKPOINT_NAME
 
 SCHEMES = ("int4", "nf4", "int8")
 KERNELS = ("pallas", "reference")
@@ -177,7 +179,8 @@ def quantized_project(x: jax.Array, w: QuantizedTensor, spec: str, dtype) -> jax
     # applied to the [.., d_out] output instead of the [d_in, d_out] weight.
     y = jnp.einsum("...k,kn->...n", x2, q.codes.astype(dtype)) * q.scales.astype(dtype)
   else:
-    y = int4_matmul(x2, q, impl=w.kernel)
+    # Named so that the 'dots' remat policies keep it (a pallas_call is not a dot to them).
+    y = checkpoint_name(int4_matmul(x2, q, impl=w.kernel), CHECKPOINT_NAME)
   return y.reshape(*lead_shape, *w.shape[w.n_in:])
 
 

@@ -266,13 +266,22 @@ class Transformer(nnx.Module):
 
     def run_block(layer: Block, x: jax.Array) -> jax.Array:
       return constrain(layer(x, positions, segment_ids), RESIDUAL_AXES)
-    if cfg.remat != "none":
-      run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
+      if cfg.remat != "none":
+        run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
       x = _scan_blocks(self.layers, run_block, x)
-    else:
+    elif cfg.remat == "none":
       for layer in self.layers:
         x = run_block(layer, x)
+    else:
+      # Rematerialized through the block's state, not the module: when the block's variables
+      # come from different traces (adapters under grad, the frozen base outside it: a LoRA
+      # step), nnx.remat on the module fails with "Cannot mutate Param from a different trace
+      # level".
+      for layer in self.layers:
+        graphdef, state = nnx.split(layer)
+        x = jax.checkpoint(lambda s, x, g=graphdef: run_block(nnx.merge(g, s), x),
+                           policy=REMAT_POLICIES[cfg.remat])(state, x)
     return self.final_norm(x)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array, cache):

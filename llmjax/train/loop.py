@@ -171,7 +171,10 @@ def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTra
 
     ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
           & (state["first_bad_step"] < 0))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    # Back to the incoming dtypes: the gradients are float32 (divided by the float32 count),
+    # which would turn bf16 AdamW moments into float32 after the first step.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype),
+                                         new, old)
     new_trainables = keep(new_trainables, trainables)
     new_state = {
         **state,

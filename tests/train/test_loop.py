@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -188,3 +189,20 @@ def test_bf16_train_step_keeps_fp32_params_and_is_close_to_fp32(tokenizer):
   assert 1e-4 < err < 0.05, err
   for a, b in zip(update16, update32):  # and no tensor is far off on its own
     assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)
+
+
+def test_bf16_parameters_keep_their_dtypes_through_a_step(tokenizer):
+  """The state leaves keep their dtypes (bf16 params and AdamW moments stay bf16), so the
+  donated state is reused and the step compiles once."""
+  from llmjax.train.optimizer import build_optimizer
+  cfg = dataclasses.replace(TEST_MODEL, dtype="bfloat16", param_dtype="bfloat16")
+  graphdef, params = loop.init_params(cfg, seed=0)
+  tx = build_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0), 10)
+  state = loop.init_train_state({"policy": params}, tx)
+  batch = next(iter(pipeline.train_dataset(DATA, tokenizer, pipeline.document_sources(DATA)[0])))
+  step = jax.jit(loop.make_train_step({"policy": graphdef}, tx, optax.constant_schedule(1e-3),
+                                      lm_objective(), 1))
+  new_state, _ = step(state, {"policy": nnx.State({})}, batch)
+  dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
+  assert jnp.bfloat16 in dtypes(state["opt_state"])
+  assert dtypes(new_state) == dtypes(state)
