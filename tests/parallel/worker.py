@@ -103,7 +103,6 @@ def accum(args):
   mesh 4,1,2: the rows of a microbatch are replicated, not split, over `data`.
   """
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import nnx
   from llmjax.model.transformer import build_model

@@ -1,6 +1,5 @@
 """The tiny pipeline end to end: pretrain, then SFT, and held-out exact match before/after."""
 
-import dataclasses
 import time
 
 import pytest
