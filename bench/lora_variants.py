@@ -1,7 +1,8 @@
 """The train-step variants the LoRA benchmarks compare, built the way the train loop builds them.
 
-Shared by `lora_memory.py` (abstract shapes, compiled memory) and `lora_step_time.py`
-(concrete arrays, timed steps); it defines no flags, so both scripts can import it.
+Shared by `lora_memory.py` (abstract shapes, compiled memory), `lora_step_time.py`
+(concrete arrays, timed steps) and `pretrain_throughput.py` (`train_step`, `random_batch`); it
+defines no flags, so every script can import it.
 
 Variants (each is `roles.policy_role` plus a trainable filter, as a stage would make it):
   full:   every `nnx.Param` trains (full fine-tuning).

@@ -9,18 +9,24 @@ Batches are random tokens packed as two documents per row, so the data pipeline 
 measured; the numbers are steady-state (the compile and one warm-up step are excluded).
 """
 
+import os
+import sys
 import time
 
-import jax
-from flax import nnx
-import numpy as np
-from absl import app, flags
+# The llmjax of this checkout, whatever is installed (bench/ is sys.path[0] for a script).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from llmjax import metrics
-from llmjax.model.config import model_config
-from llmjax.train import loop
-from llmjax.train.losses import lm_objective
-from llmjax.train.optimizer import OptimizerConfig, build_optimizer, learning_rate_schedule
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import lora_variants as lv  # noqa: E402
+from llmjax import metrics  # noqa: E402
+from llmjax.model.config import model_config  # noqa: E402
+from llmjax.train import loop  # noqa: E402
+from llmjax.train.optimizer import (OptimizerConfig, build_optimizer,  # noqa: E402
+                                    learning_rate_schedule)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "Model preset.")
@@ -34,18 +40,6 @@ flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Microbatches per step.")
 
 
-def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(4, vocab, (batch, seq + 1), dtype=np.int32)
-  half = seq // 2
-  segment = np.where(np.arange(seq) < half, 1, 2).astype(np.int32)
-  positions = np.where(np.arange(seq) < half, np.arange(seq), np.arange(seq) - half)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "loss_mask": np.ones((batch, seq), np.int32),
-          "segment_ids": np.broadcast_to(segment, (batch, seq)).copy(),
-          "positions": np.broadcast_to(positions.astype(np.int32), (batch, seq)).copy()}
-
-
 def main(_):
   cfg = model_config(FLAGS.preset, {"dtype": FLAGS.dtype, "attention": FLAGS.attention,
                                     "remat": FLAGS.remat, "scan_layers": FLAGS.scan_layers})
@@ -54,10 +48,9 @@ def main(_):
   tx = build_optimizer(opt, 1000)
   state = loop.init_train_state({"policy": params}, tx)
   frozen = {"policy": nnx.State({})}
-  step = jax.jit(loop.make_train_step({"policy": graphdef}, tx, learning_rate_schedule(opt, 1000),
-                                      lm_objective(), FLAGS.grad_accum_steps),
-                 donate_argnums=0)
-  batch = jax.device_put(random_batch(FLAGS.batch_size, FLAGS.seq_len, cfg.vocab_size))
+  step = lv.train_step(graphdef, tx, learning_rate_schedule(opt, 1000),
+                       grad_accum_steps=FLAGS.grad_accum_steps)
+  batch = jax.device_put(lv.random_batch(FLAGS.batch_size, FLAGS.seq_len, cfg.vocab_size))
   t0 = time.time()
   state, m = step(state, frozen, batch)
   jax.block_until_ready(m)
