@@ -89,6 +89,17 @@ def test_missing_data_file(tmp_path, tokenizer_path):
                                     "DataConfig.train_paths = ['/no/such/file.txt']"])
 
 
+def test_a_bare_path_is_one_path_not_its_characters(tmp_path, tokenizer_path):
+  from llmjax.data.instructions import SFTDataConfig
+  from llmjax.data.pipeline import DataConfig
+  assert DataConfig(train_paths="data/input.txt").train_paths == ("data/input.txt",)
+  assert SFTDataConfig(format="jsonl", eval_paths="e.jsonl").eval_paths == ("e.jsonl",)
+  # Through gin, as `--gin.DataConfig.train_paths=data/input.txt` gives it.
+  with pytest.raises(DataError, match="/no/such/file.txt"):
+    _run(tmp_path, tokenizer_path, ["DataConfig.format = 'text'",
+                                    "DataConfig.train_paths = '/no/such/file.txt'"])
+
+
 def test_empty_data_file(tmp_path, tokenizer_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n\n")

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from llmjax.data import chat, synthetic
-from llmjax.data.pipeline import pad_rows, rename_packed
+from llmjax.data.pipeline import as_paths, pad_rows, rename_packed
 from llmjax.data.sources import expand_paths
 from llmjax.errors import ConfigError, DataError
 
@@ -67,6 +67,8 @@ class SFTDataConfig:
   num_epochs: int | None = None
 
   def __post_init__(self):
+    for name in ("train_paths", "eval_paths"):
+      object.__setattr__(self, name, as_paths(getattr(self, name)))
     if self.format not in FORMATS:
       raise ConfigError(f"SFTDataConfig.format={self.format!r}: use one of {FORMATS}")
     if self.overlong not in OVERLONG_RULES:

@@ -28,6 +28,15 @@ Batch = dict[str, np.ndarray]
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
+def as_paths(value: Any) -> Any:
+  """A path list field's value as a tuple; a bare string is one path (not its characters)."""
+  if isinstance(value, str):
+    return (value,)
+  if isinstance(value, (list, tuple)):
+    return tuple(value)
+  return value  # gin.REQUIRED and the like: checked when the stage is configured
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -61,6 +70,8 @@ class DataConfig:
   num_epochs: int | None = None
 
   def __post_init__(self):
+    for name in ("train_paths", "eval_paths"):
+      object.__setattr__(self, name, as_paths(getattr(self, name)))
     if self.seq_len < 2:
       raise ConfigError(f"DataConfig.seq_len must be at least 2 (one input and one target "
                         f"token), got {self.seq_len}")

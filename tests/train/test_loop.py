@@ -206,3 +206,18 @@ def test_bf16_parameters_keep_their_dtypes_through_a_step(tokenizer):
   dtypes = lambda t: [x.dtype for x in jax.tree.leaves(t)]
   assert jnp.bfloat16 in dtypes(state["opt_state"])
   assert dtypes(new_state) == dtypes(state)
+
+
+def test_reading_a_wrong_stage_lists_the_stages_and_writes_nothing(straight_run):
+  workdir, _ = straight_run
+
+  def snapshot():
+    return sorted((os.path.relpath(os.path.join(r, f), workdir),
+                   os.stat(os.path.join(r, f)).st_mtime_ns)
+                  for r, ds, fs in os.walk(workdir) for f in fs + ds)
+  before = snapshot()
+  with pytest.raises(CheckpointError, match=r"no checkpoint of stage 'sft'; its stages: "
+                                            r"\['pretrain'\]"):
+    load_run(str(workdir), "sft")
+  assert snapshot() == before
+  assert load_run(str(workdir)).stage == "pretrain"  # the run's own record, not a dir time
