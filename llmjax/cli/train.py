@@ -70,7 +70,12 @@ def main(argv):
   ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps,
                           mesh=mesh, rules=mesh_cfg.rules)
   stages.run_stages(configured, ctx)
-  print(f"done: results in {os.path.abspath(FLAGS.workdir)}", file=sys.stderr)
+  if ctx.stopped:
+    stage, step = ctx.stopped
+    print(f"stopped: {stage} saved at step {step} in {os.path.abspath(FLAGS.workdir)}; run the "
+          "same command again to resume", file=sys.stderr)
+  else:
+    print(f"done: results in {os.path.abspath(FLAGS.workdir)}", file=sys.stderr)
 
 
 def run_main():

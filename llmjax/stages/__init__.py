@@ -67,5 +67,6 @@ def run_stages(stages: list[Any], ctx: RunContext) -> RunContext:
     result = stage.run(ctx)
     ctx.finish(stage.name, result.graphdef, result.params, stage.model, result.step)
     if not result.finished:
+      ctx.stopped = (stage.name, result.step)
       break
   return ctx

@@ -69,6 +69,7 @@ class RunContext:
   stop_after: int | None = None  # stop every stage at this step (tests, preemption drills)
   outputs: dict[str, StageOutput] = dataclasses.field(default_factory=dict)
   last_stage: str | None = None  # the most recently finished stage
+  stopped: tuple[str, int] | None = None  # (stage, step) where a stop request ended the run
   tokenizer: Tokenizer | None = None
   mesh: Any = None  # jax.sharding.Mesh over all devices; None: data parallel over all
   rules: str | None = None  # name of the logical-axis rule set (llmjax.parallel.mesh)

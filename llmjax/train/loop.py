@@ -202,26 +202,32 @@ def make_eval_step(graphdefs: Mapping[str, nnx.GraphDef], loss_fn: LossFn):
 
 
 class _StopRequest:
-  """Turns SIGTERM (a preempted VM, `kill`) into 'checkpoint now and exit cleanly'."""
+  """Turns SIGTERM (a preempted VM, `kill`) and a first Ctrl-C into 'checkpoint now and exit
+  cleanly'; a second Ctrl-C stops at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     except ValueError:  # not the main thread: no signal handling, nothing to restore
-      self._previous = None
+      self._previous = {}
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    logging.warning("%s received: saving a checkpoint and stopping (Ctrl-C again stops at "
+                    "once, without saving).", signal.Signals(signum).name)
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 @dataclasses.dataclass

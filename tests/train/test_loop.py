@@ -221,3 +221,31 @@ def test_reading_a_wrong_stage_lists_the_stages_and_writes_nothing(straight_run)
     load_run(str(workdir), "sft")
   assert snapshot() == before
   assert load_run(str(workdir)).stage == "pretrain"  # the run's own record, not a dir time
+
+
+def test_ctrl_c_saves_and_the_rerun_resumes_exactly(straight_run, tmp_path, tokenizer_path,
+                                                    monkeypatch):
+  import signal
+  _, expected = straight_run
+  real_write = loop.metrics_lib.MetricsWriter.write
+
+  def write_then_interrupt(self, step, metrics, kind="train"):
+    real_write(self, step, metrics, kind)
+    if kind == "train" and step == 2:
+      signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C during step 2's logging
+
+  monkeypatch.setattr(loop.metrics_lib.MetricsWriter, "write", write_then_interrupt)
+  ctx = run(tmp_path, stage(tokenizer_path, every=100))
+  # The step under way finishes, is saved, and the run stops (6 steps were planned).
+  assert ctx.stopped == ("pretrain", 3)
+  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints/pretrain"), 1).all_steps() == [3]
+  monkeypatch.setattr(loop.metrics_lib.MetricsWriter, "write", real_write)
+  resumed = params_of(run(tmp_path, stage(tokenizer_path, every=100)))
+  for a, b in zip(resumed, expected):
+    np.testing.assert_array_equal(a, b)
+  # A second Ctrl-C stops at once.
+  with loop._StopRequest() as stop:
+    signal.raise_signal(signal.SIGINT)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
