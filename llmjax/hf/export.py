@@ -175,11 +175,14 @@ class _AtomicDir:
 def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any = None,
                   dtype: str | None = None, max_shard_size: int | str = "2GB",
                   chat_template: str | None = None, overwrite: bool = False,
-                  tensors: Iterable[tuple[str, np.ndarray]] | None = None) -> str:
+                  tensors: Iterable[tuple[str, np.ndarray]] | None = None,
+                  stop_ids: list[int] | None = None) -> str:
   """Writes `params` (our layout, for `cfg`) as an HF model folder at `output`.
 
   `dtype` (default: the config's `param_dtype`) is the stored dtype; `tensors` replaces the
-  default `convert.iter_hf_tensors(params, ...)` stream (e.g. LoRA-merged weights). In a
+  default `convert.iter_hf_tensors(params, ...)` stream (e.g. LoRA-merged weights).
+  `stop_ids` (a chat model's end-of-turn ids) join eos in generation_config.json, as Qwen and
+  Llama-3 chat models list them, so `transformers.generate` stops at the end of a reply. In a
   multi-process run every process must call this; only process 0 writes files.
   """
   dtype = dtype or cfg.param_dtype
@@ -196,7 +199,9 @@ def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any 
   with atomic_output_dir(output, overwrite) as tmp:
     hf_cfg = convert.config_to_hf(cfg, dtype, bos, eos, pad)
     write_json(os.path.join(tmp, "config.json"), hf_cfg)
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    stops = list(dict.fromkeys(([eos] if eos is not None else []) + list(stop_ids or [])))
+    gen = {"bos_token_id": bos, "pad_token_id": pad,
+           "eos_token_id": stops if len(stops) > 1 else eos}
     write_json(os.path.join(tmp, "generation_config.json"),
                {k: v for k, v in gen.items() if v is not None})
     files = write_safetensors(tensors, tmp, max_shard_size)
@@ -242,6 +247,11 @@ def export_run(workdir: str, output: str, stage: str | None = None, step: int | 
   tensors = convert.iter_hf_tensors(
       run.float_params(), cfg, fetch=fetch_to_host,
       dtype=np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype)))
+  stop_ids = None
+  if run.tokenizer is not None and run.meta.get("chat_template_name"):
+    from llmjax.data.chat import stop_token_ids
+    stop_ids = stop_token_ids(run.tokenizer, run.meta["chat_template_name"])
   return export_params(None, cfg, output, tokenizer=run.tokenizer, dtype=dtype,
                        max_shard_size=max_shard_size, tensors=tensors,
-                       chat_template=run.meta.get("chat_template"), overwrite=overwrite)
+                       chat_template=run.meta.get("chat_template"), overwrite=overwrite,
+                       stop_ids=stop_ids)

@@ -106,3 +106,24 @@ def test_sft_checkpoint_records_the_chat_template(pipeline_run):
   assert "<|im_start|>" in run.meta["chat_template"]
   data = [r for r in read_metrics(pipeline_run) if r["stage"] == "sft" and r["kind"] == "data"]
   assert data[0]["train_examples"] > 0 and data[0]["train_dropped_overlong"] == 0
+
+
+def test_exported_chat_model_stops_at_the_end_of_its_turn(pipeline_run, tmp_path, tokenizer):
+  """transformers.generate on the export ends the reply at <|im_end|>, not at max_new_tokens."""
+  transformers = pytest.importorskip("transformers")
+  import torch
+  from llmjax.data import chat
+  from llmjax.hf.export import export_run
+  out = export_run(pipeline_run, str(tmp_path / "hf"))
+  im_end = tokenizer.token_id("<|im_end|>")
+  gen = transformers.GenerationConfig.from_pretrained(out)
+  assert im_end in gen.eos_token_id and tokenizer.eos_id in gen.eos_token_id
+  model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  items = instructions.reference_items(instructions.builtin_conversations("eval", 20))
+  stopped = 0
+  for item in items:
+    prompt = chat.prompt_ids(item["messages"], "chatml", tokenizer)
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0]
+    reply = ids[len(prompt):].tolist()
+    stopped += reply[-1] == im_end and len(reply) < 24
+  assert stopped >= 15  # the SFT model ends (nearly) every reply; before the fix none stopped
