@@ -32,6 +32,8 @@ setuptools.setup(
         # PEFT interop.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<2.14",
                  "transformers>=4.45", "peft>=0.13"],
+        # The viewer for <workdir>/tensorboard (runs write the event files without it).
+        "tensorboard": ["tensorboard>=2.15"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
