@@ -34,8 +34,8 @@ def _check_files(paths: Sequence[str]) -> list[str]:
   paths = [os.fspath(p) for p in paths]
   for path in paths:
     if not os.path.isfile(path):
-      raise DataError(f"{path}: no such file: check the path (globs are expanded by "
-                      "make_source)")
+      raise DataError(f"{path}: no such file: check the path (wildcards such as "
+                      "data/*.jsonl are expanded; a path without them must exist)")
   return paths
 
 
