@@ -56,9 +56,15 @@ class LoadedRun:
 
   def float_model(self) -> tuple[nnx.GraphDef, nnx.State]:
     """(graphdef, params) of the plain float model; see `float_params`."""
-    from llmjax.model.transformer import build_model
-    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(self.model_cfg)))[0]
-    return graphdef, self.float_params()
+    return float_model(self.graphdef, self.params, self.model_cfg)
+
+
+def float_model(graphdef: nnx.GraphDef, params: nnx.State,
+                cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params) of `build_model(cfg)` computing what (graphdef, params) computes."""
+  from llmjax.model.transformer import build_model
+  plain = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))[0]
+  return plain, merged_params(graphdef, params)
 
 
 def merged_params(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:

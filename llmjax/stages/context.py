@@ -55,11 +55,9 @@ class StageOutput:
   def frozen_role(self) -> Any:
     """This model as a frozen role of another stage (reference, reward, teacher), in its
     plain float form: merged once, rather than recomputing adapters every step."""
-    from flax import nnx
-    from llmjax.model.transformer import build_model
+    from llmjax.runs.load import float_model
     from llmjax.train.roles import Role
-    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(self.model_cfg)))[0]
-    return Role.frozen(graphdef, self.float_params(), self.model_cfg)
+    return Role.frozen(*float_model(self.graphdef, self.params, self.model_cfg), self.model_cfg)
 
 
 @dataclasses.dataclass
