@@ -342,8 +342,10 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, template: str, seq_len
   An example has `index` (int: its position in the returned list, the row of a reference
   log-prob table) and per-token fields, each `[n]` with n = len(chosen seq) + len(rejected
   seq) <= seq_len, the chosen sequence first:
-    inputs, targets, loss_mask (int32): per sequence `ids[:-1]`, `ids[1:]`, completion mask
-      of the targets;
+    inputs, targets, loss_mask (int32): per sequence all its `ids`, the next ids (`ids[1:]`
+      then 0) and the completion mask of those targets (0 at the last position). The last
+      token is an input, not only a target, so a reward head reads its score at the token
+      Hugging Face's `*ForSequenceClassification` reads: the sequence's last;
     half (int32): 1 on the chosen sequence, 2 on the rejected one;
     seq_positions (int32): 0, 1, ... within each sequence;
     ref_logps (float32): zeros (see `attach_reference_logps`).
@@ -358,7 +360,7 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, template: str, seq_len
       ids, mask = chat.render_chat(pair["prompt"] + pair[key], template, tokenizer)
       # Only the completion trains: an assistant turn inside the prompt is context.
       seqs.append((ids, [0] * n_prompt + mask[n_prompt:]))
-    fitted = fit_pair(seqs[0], seqs[1], n_prompt, seq_len + 2, overlong, tokenizer.bos_id)
+    fitted = fit_pair(seqs[0], seqs[1], n_prompt, seq_len, overlong, tokenizer.bos_id)
     if fitted is None:
       stats.dropped_overlong += 1
       continue
@@ -373,10 +375,10 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, template: str, seq_len
     fields: dict[str, list[np.ndarray]] = {k: [] for k in TOKEN_FIELDS}
     for half, (ids, mask) in enumerate(fitted, 1):
       ids = np.asarray(ids, np.int32)
-      n = len(ids) - 1
-      fields["inputs"].append(ids[:-1])
-      fields["targets"].append(ids[1:])
-      fields["loss_mask"].append(np.asarray(mask[1:], np.int32))
+      n = len(ids)
+      fields["inputs"].append(ids)
+      fields["targets"].append(np.append(ids[1:], 0).astype(np.int32))
+      fields["loss_mask"].append(np.asarray(mask[1:] + [0], np.int32))
       fields["half"].append(np.full(n, half, np.int32))
       fields["seq_positions"].append(np.arange(n, dtype=np.int32))
       fields["ref_logps"].append(np.zeros(n, np.float32))

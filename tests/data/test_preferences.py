@@ -120,12 +120,14 @@ def test_config_validation(kwargs, message):
 # ---- Tokenization ----
 
 def _sequences(example):
-  """The example's (chosen, rejected) sequences as (ids, targets mask) with ids = inputs +
-  the last target."""
+  """The example's (chosen, rejected) sequences as (ids, targets mask): the inputs are the
+  whole sequence, its last target a 0 outside the loss."""
   out = []
   for half in (1, 2):
     sel = example["half"] == half
-    ids = list(example["inputs"][sel]) + [example["targets"][sel][-1]]
+    ids = list(example["inputs"][sel])
+    assert example["targets"][sel][-1] == 0 and example["loss_mask"][sel][-1] == 0
+    assert list(example["targets"][sel][:-1]) == ids[1:]
     out.append((ids, example["loss_mask"][sel]))
   return out
 
@@ -168,7 +170,7 @@ def test_overlong_rules(tokenizer):
   pair = _long_pair()
   c, r = _rendered(pair, tokenizer)
   n_prompt = len(chat.render_chat(pair["prompt"], "chatml", tokenizer)[0])
-  seq_len = (len(c) + len(r) - 2) * 2 // 3  # a third too long
+  seq_len = (len(c) + len(r)) * 2 // 3  # a third too long
   short = {"prompt": [_user("Hi?")], "chosen": [_assistant("Hello.")],
            "rejected": [_assistant("Go away.")]}
 
@@ -195,11 +197,11 @@ def test_overlong_rules(tokenizer):
   _, stats = prefs.tokenize_pairs([short, pair], tokenizer, "chatml", seq_len, "truncate_end")
   assert stats.as_dict() == {"examples": 2, "truncated": 1, "dropped_overlong": 0,
                              "dropped_identical": 0, "dropped_empty": 1}
-  end_len = len(c) + len(r) - 2 - 6  # cut 6 tokens: the completions' last few
+  end_len = len(c) + len(r) - 6  # cut 6 tokens: the completions' last few
   kept, stats = prefs.tokenize_pairs([pair], tokenizer, "chatml", end_len, "truncate_end")
   (tc, tm), (tr, rm) = _sequences(kept[0])
   assert stats.truncated == 1 and tc == c[:len(tc)] and tr == r[:len(tr)]
-  assert len(tc) + len(tr) - 2 == end_len and tm.any() and rm.any()
+  assert len(tc) + len(tr) == end_len and tm.any() and rm.any()
 
 
 def test_pairs_identical_after_truncation_are_dropped(tokenizer):
@@ -208,9 +210,9 @@ def test_pairs_identical_after_truncation_are_dropped(tokenizer):
   c, r = _rendered(pair, tokenizer)
   first_diff = next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)
   with pytest.raises(DataError, match="no preference pair is left"):
-    prefs.tokenize_pairs([pair], tokenizer, "chatml", 2 * first_diff - 2, "truncate_end")
+    prefs.tokenize_pairs([pair], tokenizer, "chatml", 2 * first_diff, "truncate_end")
   _, stats = prefs.tokenize_pairs([pair, STANDARD_PAIR], tokenizer, "chatml",
-                                  2 * first_diff - 2, "truncate_end")
+                                  2 * first_diff, "truncate_end")
   assert stats.dropped_identical == 1
 
 
