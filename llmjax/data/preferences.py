@@ -78,7 +78,7 @@ class PreferenceDataConfig:
     train_paths, eval_paths: JSONL files or globs; with no eval_paths, `eval_examples` pairs
       of the training files are held out (a fixed selection).
     seq_len: tokens per row. A pair needs len(chosen sequence) + len(rejected sequence)
-      tokens (each sequence being its rendered ids less one: inputs and targets are shifted).
+      tokens (each sequence its rendered prompt + completion ids).
     batch_size: rows per optimizer step (summed over processes and microbatches).
     max_pairs_per_row: 1 = one pair per row, padded; more = whole pairs first-fit packed,
       at most this many to a row.

@@ -35,6 +35,8 @@ def exact_match(graphdef: nnx.GraphDef, params: Any, tokenizer: Any, template: s
   """Greedy-answers each `{messages, answer}` item; the fraction answered exactly.
 
   Answers compare after `instructions.normalize_answer` (case, spaces, a final period).
+  Items with a `rejected` answer (preference pairs) also count how often the greedy answer
+  is that one (`rejected_match`): what preference training should move away from.
   """
   if not items:
     return {}
@@ -42,9 +44,14 @@ def exact_match(graphdef: nnx.GraphDef, params: Any, tokenizer: Any, template: s
                     max_batch=max_batch)
   prompts = [chat.prompt_ids(it["messages"], template, tokenizer) for it in items]
   out = sampler.sample(prompts, max_new_tokens=max_new_tokens)
-  hits = [instructions.normalize_answer(out.texts[i][0]) ==
-          instructions.normalize_answer(it["answer"]) for i, it in enumerate(items)]
-  return {"exact_match": sum(hits) / len(hits), "exact_match_n": len(hits)}
+  norm = instructions.normalize_answer
+  answers = [norm(out.texts[i][0]) for i in range(len(items))]
+  hits = [a == norm(it["answer"]) for a, it in zip(answers, items)]
+  result = {"exact_match": sum(hits) / len(hits), "exact_match_n": len(hits)}
+  if all("rejected" in it for it in items):
+    result["rejected_match"] = sum(a == norm(it["rejected"]) for a, it in
+                                   zip(answers, items)) / len(items)
+  return result
 
 
 @dataclasses.dataclass(frozen=True)
