@@ -78,6 +78,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+def mesh_and_rules(mesh: Mesh | None, rules: str | None) -> tuple[Mesh, Rules]:
+  """The run's mesh and rule set; defaults: data parallel over every device, 'fsdp_tensor'."""
+  if rules is not None and rules not in RULE_SETS:
+    raise ConfigError(f"unknown logical-axis rule set {rules!r}; choose from {sorted(RULE_SETS)}")
+  return mesh or make_mesh(MeshConfig()), RULE_SETS[rules or "fsdp_tensor"]
+
+
 def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     rules: Rules) -> P:
   """PartitionSpec for an array with these logical `axes`.

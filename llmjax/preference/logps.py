@@ -9,7 +9,7 @@ slot; `valid` marks the slots that hold a pair.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,7 @@ import optax
 from llmjax.data.preferences import pair_valid, sequence_sums
 
 
-@dataclasses.dataclass(frozen=True)
-class PairLogps:
+class PairLogps(NamedTuple):
   """Sums over completion tokens, each `[rows, max_pairs]` float32 (0 in empty slots)."""
   chosen: jax.Array
   rejected: jax.Array

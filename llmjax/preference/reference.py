@@ -53,6 +53,7 @@ def compute_table(graphdef: nnx.GraphDef, params: Any, examples: list[dict[str, 
   def run(p, batch):
     with mesh_lib.activation_sharding(mesh, rules):
       out = pair_logps(nnx.merge(graphdef, p), batch, max_pairs)
+    # Every process gets every result (the batches are the same on all of them).
     return jax.lax.with_sharding_constraint((out.chosen, out.rejected), rep)
 
   table = np.full((len(examples), 2), np.nan, np.float32)

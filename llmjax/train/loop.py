@@ -304,8 +304,7 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       (`llmjax.parallel.mesh.RULE_SETS`); default: data parallel over all devices.
     extra_eval: called at every evaluation; its metrics join the eval record.
   """
-  mesh = mesh or mesh_lib.make_mesh(mesh_lib.MeshConfig())
-  rules = mesh_lib.RULE_SETS[rules or "fsdp_tensor"]
+  mesh, rules = mesh_lib.mesh_and_rules(mesh, rules)
   all_roles = {roles_lib.POLICY: policy, **(roles or {})}
   graphdefs, trainables, frozen, t_shard, f_shard = {}, {}, {}, {}, {}
   for name, role in all_roles.items():
