@@ -3,8 +3,11 @@
   llmjax-export --workdir=runs/tiny --output=exports/tiny [--stage=sft] [--step=1000] \
       [--dtype=bfloat16] [--max_shard_size=2GB]
   llmjax-export --workdir=runs/lora --output=exports/lora-adapter --adapter_only
+  llmjax-export --workdir=runs/rm --output=exports/rm --task=reward
 
-The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer`. A LoRA or
+The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer`; a reward
+model (head 'score') exports as *ForSequenceClassification (num_labels=1), for
+`AutoModelForSequenceClassification`. A LoRA or
 QLoRA run exports merged (W + s A B, a QLoRA base dequantized first: exactly the weights
 the trained model computes with); `--adapter_only` writes its adapters alone as a PEFT folder
 for `peft.PeftModel.from_pretrained(base, dir)`.
@@ -26,6 +29,10 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                   "Stored dtype (default: the checkpoint's param_dtype).")
 flags.DEFINE_string("max_shard_size", "2GB", "Largest safetensors shard, e.g. 2GB or 500MB.")
 flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
+flags.DEFINE_enum("task", None, ["causal_lm", "reward"],
+                  "Which model the export must be (default: whatever the checkpoint is): "
+                  "causal_lm (*ForCausalLM) or reward (*ForSequenceClassification); a "
+                  "checkpoint without that head is an error and nothing is written.")
 flags.DEFINE_bool("adapter_only", False,
                   "LoRA runs: write the adapters alone as a PEFT LoRA folder (one "
                   "adapter_model.safetensors; --max_shard_size does not apply).")
@@ -36,7 +43,7 @@ def main(argv):
     raise app.UsageError("--workdir and --output are required")
   from llmjax.hf.export import export_run
   out = export_run(FLAGS.workdir, FLAGS.output, FLAGS.stage, FLAGS.step, FLAGS.dtype,
-                   FLAGS.max_shard_size, FLAGS.overwrite, FLAGS.adapter_only)
+                   FLAGS.max_shard_size, FLAGS.overwrite, FLAGS.adapter_only, FLAGS.task)
   print(out)
 
 

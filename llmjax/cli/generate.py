@@ -69,7 +69,9 @@ def main(argv):
   from llmjax.runs.load import load_run
   from llmjax.data import chat
   from llmjax.sample.sampler import Sampler
+  from llmjax.model.reward import refuse_generation
   run = load_run(FLAGS.workdir, FLAGS.stage, FLAGS.step)
+  refuse_generation(run.model_cfg, f"{FLAGS.workdir} (stage {run.stage}, step {run.step})")
   tokenizer = run.tokenizer
   if tokenizer is None:
     raise LlmjaxError(f"{FLAGS.workdir} has no tokenizer: re-import with its tokenizer")

@@ -21,8 +21,12 @@ from llmjax.errors import CheckpointError, ConfigError
 from llmjax.model.config import ModelConfig, RopeScaling
 
 LLAMA, QWEN2 = "LlamaForCausalLM", "Qwen2ForCausalLM"
-SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2)
-_MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2"}
+# Reward models (head 'score', num_labels=1): the same transformer under `model.`, plus
+# `score.weight [num_labels, d_model]` in place of lm_head.
+LLAMA_REWARD, QWEN2_REWARD = "LlamaForSequenceClassification", "Qwen2ForSequenceClassification"
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, LLAMA_REWARD, QWEN2_REWARD)
+_MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2", LLAMA_REWARD: "llama", QWEN2_REWARD: "qwen2"}
+_HEADS = {LLAMA: "lm", QWEN2: "lm", LLAMA_REWARD: "score", QWEN2_REWARD: "score"}
 # Tensors HF checkpoints may carry that hold nothing we need (old Llama saves the RoPE table).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -82,7 +86,9 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
                    (d, f)),
     ]
   specs.append(TensorSpec("model.norm.weight", ("final_norm", "weight"), "same", (d,), (d,)))
-  if not cfg.tie_embeddings:
+  if cfg.head == "score":
+    specs.append(TensorSpec("score.weight", ("score",), "linear", (d, 1), (1, d)))
+  elif not cfg.tie_embeddings:
     specs.append(TensorSpec("lm_head.weight", ("lm_head",), "linear", (d, v), (v, d)))
   return specs
 
@@ -194,10 +200,11 @@ def _check_supported(hf: dict[str, Any], arch: str) -> None:
                       "SwiGLU with silu")
   if hf.get("mlp_bias"):
     raise ConfigError("config.json mlp_bias=true is not supported: llmjax's MLP has no bias")
-  if arch == LLAMA and hf.get("attention_bias"):
-    raise ConfigError("config.json attention_bias=true is not supported for LlamaForCausalLM "
+  model_type = _MODEL_TYPES[arch]
+  if model_type == "llama" and hf.get("attention_bias"):
+    raise ConfigError(f"config.json attention_bias=true is not supported for {arch} "
                       "(it adds an o_proj bias llmjax does not have)")
-  if arch == QWEN2:
+  if model_type == "qwen2":
     layer_types = hf.get("layer_types") or []
     sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
     if not layer_types and hf.get("use_sliding_window"):
@@ -208,13 +215,21 @@ def _check_supported(hf: dict[str, Any], arch: str) -> None:
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
-  """ModelConfig of a `LlamaForCausalLM` or `Qwen2ForCausalLM` config.json dict."""
+  """ModelConfig of a `LlamaForCausalLM` or `Qwen2ForCausalLM` config.json dict, or of their
+  `*ForSequenceClassification` with num_labels=1 (head 'score')."""
   archs = hf.get("architectures") or []
   arch = archs[0] if len(archs) == 1 else None
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ConfigError(f"config.json architectures={archs} is not supported; supported "
                       f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
   _check_supported(hf, arch)
+  head = _HEADS[arch]
+  if head == "score":
+    # transformers writes id2label/label2id and derives num_labels from them (default 2).
+    labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
+    if labels != 1:
+      raise ConfigError(f"config.json is a {arch} with num_labels={labels}; only num_labels=1 "
+                        "(a reward model: one scalar score per sequence) is supported")
   theta, scaling = _rope_from_hf(hf)
   try:
     n_heads = int(hf["num_attention_heads"])
@@ -226,7 +241,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         d_ff=int(hf["intermediate_size"]),
         head_dim=int(hf.get("head_dim") or d_model // n_heads),
         rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=arch == QWEN2, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=_MODEL_TYPES[arch] == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head=head,
         max_seq_len=int(hf.get("max_position_embeddings", 2048)), dtype=dtype,
         param_dtype=dtype)
   except KeyError as e:
@@ -234,13 +250,21 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
 
 
 def architecture_for(cfg: ModelConfig) -> str:
-  """Qwen2 for QKV bias (Llama's attention_bias would also add an o_proj bias), else Llama."""
+  """Qwen2 for QKV bias (Llama's attention_bias would also add an o_proj bias), else Llama;
+  *ForSequenceClassification for a reward model (head 'score'), else *ForCausalLM."""
+  if cfg.head == "score":
+    return QWEN2_REWARD if cfg.qkv_bias else LLAMA_REWARD
   return QWEN2 if cfg.qkv_bias else LLAMA
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None) -> dict[str, Any]:
-  """config.json for `cfg`, readable by transformers 4.x (classic rope fields) and 5.x."""
+  """config.json for `cfg`, readable by transformers 4.x (classic rope fields) and 5.x.
+
+  A reward model gets num_labels=1 and pad_token_id (`pad_id`, else `eos_id`):
+  *ForSequenceClassification finds each row's last token as the last one that is not
+  pad_token_id, and refuses batches of more than one row without it.
+  """
   arch = architecture_for(cfg)
   rope_scaling = None
   if cfg.rope_scaling is not None:
@@ -264,7 +288,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = 
       "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype,
       "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
   }
-  if arch == LLAMA:
+  if cfg.head == "score":
+    hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+              pad_token_id=pad_id if pad_id is not None else eos_id)
+  if _MODEL_TYPES[arch] == "llama":
     hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
   else:
     hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,

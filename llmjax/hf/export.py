@@ -1,13 +1,14 @@
 """Writes an llmjax checkpoint as a Hugging Face model folder.
 
-  config.json, generation_config.json
+  config.json, generation_config.json (language models only)
   model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
   tokenizer.model (SentencePiece runs), tokenizer.json, tokenizer_config.json,
   special_tokens_map.json
 
 A LoRA/QLoRA run exports merged (`W + s * A B`; a QLoRA base is dequantized from NF4/int4
 first), which is exactly the model the run trained; `llmjax.hf.adapters` writes the adapters
-alone as a PEFT folder instead.
+alone as a PEFT folder instead. A reward model (head 'score') exports as
+LlamaForSequenceClassification / Qwen2ForSequenceClassification with num_labels=1.
 
 Everything is written into a temporary folder beside the output and renamed into place once
 complete, so a failed export never leaves a folder that looks usable. Tensors are fetched and
@@ -33,6 +34,8 @@ from llmjax.hf import convert
 from llmjax.model.config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
+# export_run's `task`: which head the exported model must have.
+TASKS = {"causal_lm": "lm", "reward": "score"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -199,15 +202,21 @@ def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any 
   with atomic_output_dir(output, overwrite) as tmp:
     hf_cfg = convert.config_to_hf(cfg, dtype, bos, eos, pad)
     write_json(os.path.join(tmp, "config.json"), hf_cfg)
-    stops = list(dict.fromkeys(([eos] if eos is not None else []) + list(stop_ids or [])))
-    gen = {"bos_token_id": bos, "pad_token_id": pad,
-           "eos_token_id": stops if len(stops) > 1 else eos}
-    write_json(os.path.join(tmp, "generation_config.json"),
-               {k: v for k, v in gen.items() if v is not None})
+    if cfg.head == "score":
+      if hf_cfg["pad_token_id"] is None:
+        logging.warning("Reward model export without a pad or eos id (no tokenizer): "
+                        "transformers scores it one row at a time; set pad_token_id in "
+                        "config.json to score padded batches")
+    else:  # a reward model does not generate: no generation_config.json
+      stops = list(dict.fromkeys(([eos] if eos is not None else []) + list(stop_ids or [])))
+      gen = {"bos_token_id": bos, "pad_token_id": pad,
+             "eos_token_id": stops if len(stops) > 1 else eos}
+      write_json(os.path.join(tmp, "generation_config.json"),
+                 {k: v for k, v in gen.items() if v is not None})
     files = write_safetensors(tensors, tmp, max_shard_size)
     if tokenizer is not None:
       from llmjax.hf.tokenizer_files import write_tokenizer_files
-      if convert.architecture_for(cfg) == convert.QWEN2 and hasattr(
+      if cfg.qkv_bias and hasattr(
           tokenizer, "serialized_model_proto"):
         # transformers 5 maps model_type qwen2 to Qwen2Tokenizer whatever tokenizer_config
         # says, and that class rebuilds a byte-level tokenizer around our SentencePiece vocab.
@@ -221,10 +230,32 @@ def export_params(params: Any, cfg: ModelConfig, output: str, *, tokenizer: Any 
   return os.path.abspath(output)
 
 
+def _check_task(workdir: str, stage: str | None, step: int | None, task: str) -> None:
+  """ConfigError unless the checkpoint export_run would read has the head `task` needs."""
+  from llmjax.runs.load import checkpoint_head, default_stage, stage_heads
+  want = TASKS[task]
+  stage = stage or default_stage(workdir)
+  have = checkpoint_head(workdir, stage, step)
+  if have == want:
+    return
+  kinds = {"lm": "a language model (head 'lm')", "score": "a reward model (head 'score')"}
+  others = [s for s, h in stage_heads(workdir).items() if h == want]
+  hint = (f"the stage(s) with head {want!r} are {others}: pass --stage" if others
+          else f"no stage of this run has head {want!r}")
+  raise ConfigError(f"--task={task} needs head {want!r}, but {workdir} stage {stage!r} is "
+                    f"{kinds.get(have, repr(have))}; {hint}")
+
+
 def export_run(workdir: str, output: str, stage: str | None = None, step: int | None = None,
                dtype: str | None = None, max_shard_size: int | str = "2GB",
-               overwrite: bool = False, adapter_only: bool = False) -> str:
+               overwrite: bool = False, adapter_only: bool = False,
+               task: str | None = None) -> str:
   """Exports a run's (or an import's) checkpoint; see `export_params`.
+
+  The architecture follows the checkpoint's head: *ForCausalLM for 'lm',
+  *ForSequenceClassification for 'score' (a reward model). `task` ('causal_lm' or
+  'reward', default either) asserts which one is wanted: a checkpoint without that head is
+  an error, naming the run's stages that have it, and nothing is written.
 
   A LoRA/QLoRA checkpoint exports merged: each weight is `W + s * A B`, with a QLoRA base
   dequantized from NF4/int4 first, i.e. exactly the weights the trained model computes with.
@@ -235,12 +266,20 @@ def export_run(workdir: str, output: str, stage: str | None = None, step: int | 
   if dtype is not None and dtype not in DTYPES:
     raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
   parse_size(max_shard_size)  # fail on a bad flag before reading the checkpoint
+  if task is not None and task not in TASKS:
+    raise ConfigError(f"--task={task!r} is not supported: use one of {', '.join(TASKS)}")
+  if task is not None:
+    _check_task(workdir, stage, step, task)  # from the metadata alone, before any weights
   run = load_run(workdir, stage, step)
   if "quantization" in run.meta:
     raise CheckpointError(f"{workdir} (stage {run.stage}, step {run.step}) is a quantized "
                           "checkpoint (llmjax-quantize); an HF export holds float weights: "
                           f"export the run it was quantized from, {run.meta.get('source')}")
   if adapter_only:
+    if run.model_cfg.head != "lm":
+      raise ConfigError(f"{workdir} (stage {run.stage}) is a reward model (head "
+                        f"{run.model_cfg.head!r}): --adapter_only writes causal-LM PEFT "
+                        "adapters; export the merged model instead (drop --adapter_only)")
     from llmjax.hf.adapters import export_adapter
     return export_adapter(run, output, dtype=dtype, overwrite=overwrite)
   cfg = run.model_cfg

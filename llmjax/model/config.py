@@ -20,6 +20,9 @@ class RopeScaling:
   original_max_position: int = 8192
 
 
+HEADS = ("lm", "score")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a decoder-only transformer.
@@ -39,6 +42,10 @@ class ModelConfig:
   norm_eps: float = 1e-5
   qkv_bias: bool = False  # Qwen2 has a bias on q, k and v projections.
   tie_embeddings: bool = False
+  # What the model outputs: 'lm' next-token logits (an `lm_head`, or the tied embedding), or
+  # 'score' one scalar per position from a `score [d_model, 1]` projection and no lm_head: a
+  # reward model (HF *ForSequenceClassification with num_labels=1).
+  head: str = "lm"
   max_seq_len: int = 2048
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype: float32 or bfloat16
@@ -62,7 +69,7 @@ class ModelConfig:
                       "set head_dim explicitly")
     if self.resolved_head_dim % 2:
       problems.append(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
-    choices = {"attention": ("xla", "dot_product", "splash"),
+    choices = {"head": HEADS, "attention": ("xla", "dot_product", "splash"),
                "remat": ("none", "full", "dots", "dots_no_batch")}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
@@ -87,8 +94,11 @@ class ModelConfig:
     mlp = 3 * self.d_model * self.d_ff
     per_layer = attn + mlp + 2 * self.d_model
     total = self.n_layers * per_layer + self.d_model
+    if self.head == "score":
+      total += self.d_model  # score [d_model, 1]; the embedding is the only vocab matrix
     if include_embeddings:
-      total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+      untied_lm_head = self.head == "lm" and not self.tie_embeddings
+      total += self.vocab_size * self.d_model * (2 if untied_lm_head else 1)
     return total
 
   def shape_dict(self) -> dict[str, Any]:
@@ -104,7 +114,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    d = dict(d)
+    d = dict(d)  # checkpoints written before `head` existed lack it: the default, 'lm'
     if d.get("rope_scaling") is not None:
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     return cls(**d)

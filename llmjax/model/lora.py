@@ -255,7 +255,8 @@ def add_lora(model: nnx.Module, cfg: LoraConfig) -> nnx.Module:
   """Adds an adapter beside every weight `cfg.target_modules` names, in place; returns model.
 
   Works on a concrete model and under `nnx.eval_shape`/`jax.jit`. The base weights stay
-  `nnx.Param`s (or `QuantizedWeight`s): train with `trainable=nnx.LoRAParam`.
+  `nnx.Param`s (or `QuantizedWeight`s): train with `trainable=nnx.LoRAParam`. A reward
+  model's `score` projection is never adapted (it is not a target name).
   """
   if has_lora(model):
     raise ConfigError("the model already has LoRA adapters: merge them first (merge_lora)")
@@ -263,6 +264,12 @@ def add_lora(model: nnx.Module, cfg: LoraConfig) -> nnx.Module:
     raise ConfigError("LoraConfig.target_modules names lm_head, but this model ties it to the "
                       "token embedding (tie_embeddings=True): an adapted head would no longer "
                       "be the embedding. Leave lm_head out of target_modules")
+  if "lm_head" in cfg.target_modules and model.config.head != "lm":
+    # Refused rather than skipped: a config asking for it was written for a language model.
+    raise ConfigError(f"LoraConfig.target_modules names lm_head, but this model has head "
+                      f"{model.config.head!r} (a reward model): it has no lm_head, and its "
+                      "score projection never gets an adapter. Leave lm_head out of "
+                      "target_modules")
   key = jax.random.key(cfg.seed)
   dtype = jnp.dtype(model.config.param_dtype)
   for i, (owner, attr, _) in enumerate(
@@ -331,6 +338,9 @@ class WithoutAdapters:
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     return self._off(self._model.logits, hidden)
+
+  def scores(self, hidden: jax.Array) -> jax.Array:
+    return self._off(self._model.scores, hidden)
 
 
 def adapter_bytes(state: nnx.State) -> int:

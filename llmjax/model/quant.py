@@ -187,7 +187,7 @@ def quantized_project(x: jax.Array, w: QuantizedTensor, spec: str, dtype) -> jax
 def _quantizable(model: nnx.Module, cfg: QuantConfig):
   """(owner module, attribute, dotted name) of each weight `cfg` quantizes."""
   names = weights.ATTENTION + weights.MLP
-  if cfg.quantize_lm_head and not model.config.tie_embeddings:
+  if cfg.quantize_lm_head and model.config.head == "lm" and not model.config.tie_embeddings:
     names += ("lm_head",)
   return weights.projection_weights(model, names)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax.errors import ConfigError
 from llmjax.model import lora, quant
 from llmjax.model.attention import attend, cache_attention_mask, cached_attention, write_cache
 from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
@@ -244,7 +245,8 @@ def _scan_blocks(layers, run_block, x: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-  """Token ids `[batch, seq]` -> next-token logits `[batch, seq, vocab]` (float32)."""
+  """Token ids `[batch, seq]` -> next-token logits `[batch, seq, vocab]` (float32), or with
+  `head='score'` (a reward model) one float32 score per position `[batch, seq]`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -252,7 +254,10 @@ class Transformer(nnx.Module):
     self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-    if not cfg.tie_embeddings:
+    if cfg.head == "score":
+      # HF's score nn.Linear(d_model, 1), initialised normal(0, initializer_range) like it.
+      self.score = _param(rngs, (cfg.d_model, 1), ("embed", None), cfg.init_std, pdt)
+    elif not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                             cfg.init_std, pdt)
 
@@ -311,6 +316,10 @@ class Transformer(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[batch, seq, d_model]` -> float32 `[batch, seq, vocab]`."""
+    if self.config.head != "lm":
+      raise ConfigError(f"logits(): this model has head {self.config.head!r} (a reward model), "
+                        "which has no lm_head: it gives one score per position; call "
+                        "scores(hidden) or the model itself")
     dt = self.config.dtype
     w = self.embed[...].T if self.config.tie_embeddings else lora.weight(self, "lm_head")
     if isinstance(w, lora.LoraTensor):
@@ -318,14 +327,30 @@ class Transformer(nnx.Module):
                                base_project=self._head_matmul)
     return self._head_matmul(hidden, w, "bsd,dv->bsv", dt)
 
+  def scores(self, hidden: jax.Array) -> jax.Array:
+    """`[batch, seq, d_model]` -> float32 `[batch, seq]`: the score head at every position.
+
+    Like `logits`, the matmul reads the compute dtype and accumulates into float32.
+    """
+    if self.config.head != "score":
+      raise ConfigError(f"scores(): this model has head {self.config.head!r}, not 'score': "
+                        "it has no score projection (make a reward model with "
+                        "llmjax.model.reward.init_reward_model)")
+    dt = self.config.dtype
+    return self._head_matmul(hidden, self.score[...], "bsd,do->bso", dt)[..., 0]
+
   @staticmethod
   def _head_matmul(hidden, w, spec, dt):
     return weight_matmul(hidden.astype(dt), w.astype(dt), spec, jnp.float32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
-    """`tokens [batch, seq]`, optional `positions`/`segment_ids [batch, seq]` of packed rows."""
-    return self.logits(self.hidden_states(tokens, positions, segment_ids))
+    """`tokens [batch, seq]`, optional `positions`/`segment_ids [batch, seq]` of packed rows.
+
+    Returns logits `[batch, seq, vocab]`, or scores `[batch, seq]` for head 'score'.
+    """
+    hidden = self.hidden_states(tokens, positions, segment_ids)
+    return self.scores(hidden) if self.config.head == "score" else self.logits(hidden)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -123,6 +123,34 @@ def default_stage(workdir: str) -> str:
                         "came last: name one (--stage=NAME, or 'workdir:stage' in gin)")
 
 
+def checkpoint_head(workdir: str, stage: str, step: int | None = None) -> str:
+  """The model head ('lm' or 'score') of a stage's checkpoint, from its metadata alone."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints", stage)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"{workdir} has no checkpoint of stage {stage!r}; its stages: "
+                          f"{saved_stages(workdir)}")
+  ckpt = Checkpointer(directory, every=1)
+  try:
+    meta = ckpt.read_meta(ckpt.resolve_step(step))
+  finally:
+    ckpt.close()
+  return ModelConfig.from_dict(meta["model"]).head
+
+
+def stage_heads(workdir: str) -> dict[str, str]:
+  """{stage: head of its latest checkpoint}, pipeline stages first; stages with no saved step
+  are left out."""
+  saved = saved_stages(workdir)
+  ordered = [s for s in read_stages(workdir) if s in saved]
+  heads = {}
+  for stage in ordered + [s for s in saved if s not in ordered]:
+    try:
+      heads[stage] = checkpoint_head(workdir, stage)
+    except CheckpointError:
+      continue
+  return heads
+
+
 def load_run(workdir: str, stage: str | None = None, step: int | None = None,
              abstract_params: Any = None, kernel: str | None = None) -> LoadedRun:
   """Parameters, config and tokenizer of a run's (or an import's) checkpoint.

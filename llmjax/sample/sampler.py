@@ -179,6 +179,8 @@ class Sampler:
                pad_side: str = "left"):
     if pad_side not in PAD_SIDES:
       raise ConfigError(f"pad_side={pad_side!r}: use one of {PAD_SIDES}")
+    from llmjax.model.reward import refuse_generation
+    refuse_generation(nnx.merge(graphdef, params).config)  # merge: a view, no copy
     self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
     if eos_ids is None:
       eos = getattr(tokenizer, "eos_id", -1) if tokenizer is not None else -1
