@@ -13,7 +13,8 @@ Sources, all normalised to `{"prompt": [messages], "chosen": [messages], "reject
       with an assistant message).
   * 'builtin': the synthetic world's questions, the true answer chosen and a plausible wrong
     one rejected (`synthetic.preference_pairs`), with a held-out eval split.
-Pairs whose chosen and rejected are identical are counted and dropped.
+Pairs whose chosen and rejected are identical are counted and dropped. A JSONL pair may carry
+a numeric `margin` (TRL's column): the reward model's Bradley-Terry margin for that pair.
 
 Each pair is tokenized up front into two sequences, prompt + chosen and prompt + rejected,
 whose loss mask covers only the completion's assistant tokens (never a prompt token, even of
@@ -31,6 +32,8 @@ Batch layout (numpy, each `[rows, seq_len]` unless noted; P = max_pairs_per_row)
   ref_logps (float32): 0, except the reference log-prob of a sequence (summed over its
     completion) on its first token, once attached (`attach_reference_logps`); summing over a
     sequence's tokens, not masked by loss_mask, gives it back exactly.
+  margin (float32): 0, except a pair's optional `margin` (JSONL; the reward model's
+    Bradley-Terry margin, as TRL's) on the first token of its chosen sequence.
   pair_index (int32, `[rows, P]`): the example index (`example["index"]`) of the row's k-th
     pair, -1 for an empty slot.
 With P = 1 every row holds one pair and padding (the padded layout); with P > 1 whole pairs
@@ -59,9 +62,10 @@ from llmjax.errors import ConfigError, DataError
 OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
 FORMATS = ("builtin", "jsonl")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "pair_slot",
-              "chosen", "ref_logps", "pair_index")
+              "chosen", "ref_logps", "margin", "pair_index")
 # Per-token fields of a tokenized example (the pair's chosen sequence, then its rejected one).
-TOKEN_FIELDS = ("inputs", "targets", "loss_mask", "half", "seq_positions", "ref_logps")
+TOKEN_FIELDS = ("inputs", "targets", "loss_mask", "half", "seq_positions", "ref_logps",
+                "margin")
 
 Messages = list[dict[str, str]]
 Pair = dict[str, Messages]
@@ -201,7 +205,14 @@ def normalize_pair(record: Any, where: str) -> Pair | None:
   _check_completion(rejected, "rejected", where)
   if chosen == rejected:
     return None
-  return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+  pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+  if "margin" in record:
+    margin = record["margin"]
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+      raise DataError(f"{where}: 'margin' must be a number (how much more the chosen "
+                      f"completion is preferred), got {margin!r}")
+    pair["margin"] = float(margin)
+  return pair
 
 
 def read_jsonl(paths: Sequence[str] | str, skip_bad_lines: bool = False
@@ -382,6 +393,10 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, template: str, seq_len
       fields["half"].append(np.full(n, half, np.int32))
       fields["seq_positions"].append(np.arange(n, dtype=np.int32))
       fields["ref_logps"].append(np.zeros(n, np.float32))
+      margin = np.zeros(n, np.float32)
+      if half == 1:
+        margin[0] = pair.get("margin", 0.0)
+      fields["margin"].append(margin)
     example: dict[str, Any] = {k: np.concatenate(v) for k, v in fields.items()}
     example["index"] = len(out)
     out.append(example)
@@ -451,6 +466,7 @@ class _PairRow:
         "pair_slot": np.where(real, pair_seg - 1, -1).astype(np.int32),
         "chosen": (real & (row["half"] == 1)).astype(np.int32),
         "ref_logps": np.where(real, row["ref_logps"], 0).astype(np.float32),
+        "margin": np.where(real, row["margin"], 0).astype(np.float32),
         "pair_index": pair_index,
     }
 

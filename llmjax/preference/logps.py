@@ -27,12 +27,12 @@ class PairLogps(NamedTuple):
   valid: jax.Array  # bool: the slot holds a pair
 
   def flat(self) -> "PairLogps":
-    """Every field as `[rows * max_pairs]`; empty slots get length 1, so per-token averages
-    and length-normalised losses stay finite there (their losses are masked out)."""
+    """Every field as `[rows * max_pairs]`, exactly 0 in empty slots (the losses clamp
+    lengths at 1, so length-normalised terms stay finite there; they are masked out)."""
     valid = self.valid.reshape(-1)
-    fix = lambda x, fill: jnp.where(valid, x.reshape(-1), fill)
-    return PairLogps(fix(self.chosen, 0.0), fix(self.rejected, 0.0),
-                     fix(self.chosen_lengths, 1.0), fix(self.rejected_lengths, 1.0), valid)
+    fix = lambda x: jnp.where(valid, x.reshape(-1), 0.0)
+    return PairLogps(fix(self.chosen), fix(self.rejected), fix(self.chosen_lengths),
+                     fix(self.rejected_lengths), valid)
 
 
 def token_logps(model, batch: dict[str, jax.Array]) -> jax.Array:

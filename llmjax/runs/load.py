@@ -207,11 +207,18 @@ def _restore_lora(ckpt: Checkpointer, step: int, meta: dict[str, Any], cfg: Mode
   from llmjax.train.roles import policy_role
   where = f"{ckpt.directory}/{step}"
   base = load_base(meta, where)
-  check_same_model(dataclasses.asdict(base.model_cfg), cfg,
+  init = base.float_params()
+  body_cfg = cfg
+  if cfg.head == "score" and base.model_cfg.head == "lm":
+    # A LoRA reward model trained on a language model: the base body plus the saved head.
+    from llmjax.model.reward import init_reward_model
+    body_cfg = dataclasses.replace(cfg, head="lm", tie_embeddings=base.model_cfg.tie_embeddings)
+    init = init_reward_model(init, cfg)
+  check_same_model(dataclasses.asdict(base.model_cfg), body_cfg,
                    f"the base of {where} ({base.meta['workdir']}, stage {base.stage})")
-  role = policy_role(cfg, base.float_params(), lora.LoraConfig.from_dict(meta["lora"]))
+  role = policy_role(cfg, init, lora.LoraConfig.from_dict(meta["lora"]))
   graphdef, abstract_adapters, _ = nnx.split(nnx.eval_shape(lambda: role.build(role.init)),
-                                             nnx.LoRAParam, ...)
-  frozen = jax.jit(lambda i: nnx.split(role.build(i), nnx.LoRAParam, ...)[2])(role.init)
+                                             role.trainable, ...)
+  frozen = jax.jit(lambda i: nnx.split(role.build(i), role.trainable, ...)[2])(role.init)
   adapters = ckpt.restore_params(step, abstract_like(abstract_adapters))
   return graphdef, nnx.merge_state(adapters, frozen)

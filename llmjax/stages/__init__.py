@@ -15,12 +15,14 @@ import gin
 from llmjax.errors import ConfigError
 from llmjax.stages.context import RunContext
 from llmjax.stages.dpo import dpo_stage
+from llmjax.stages.reward_model import reward_model_stage
 from llmjax.stages.pretrain import pretrain_stage
 from llmjax.stages.sft import sft_stage
 
 STAGES: dict[str, Callable[[], Any]] = {
     "pretrain": pretrain_stage,
     "sft": sft_stage,
+    "rm": reward_model_stage,
     "dpo": dpo_stage,
 }
 

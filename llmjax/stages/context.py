@@ -71,6 +71,8 @@ class RunContext:
   tokenizer: Tokenizer | None = None
   mesh: Any = None  # jax.sharding.Mesh over all devices; None: data parallel over all
   rules: str | None = None  # name of the logical-axis rule set (llmjax.parallel.mesh)
+  # Other runs' models read by this run (`resolve`), loaded once however many stages use them.
+  _loaded: dict[str, StageOutput] = dataclasses.field(default_factory=dict, repr=False)
 
   def loop_kwargs(self) -> dict[str, Any]:
     """What every stage passes to `llmjax.train.loop.train` from the run itself."""
@@ -89,6 +91,8 @@ class RunContext:
     """
     if source in self.outputs:
       return self.outputs[source]
+    if source in self._loaded:
+      return self._loaded[source]
     from llmjax.runs.load import load_run
     path, _, stage = source.partition(":") if not os.path.isdir(source) else (source, "", "")
     if not os.path.isdir(path):
@@ -98,7 +102,9 @@ class RunContext:
     if self.tokenizer is None:
       self.tokenizer = loaded.tokenizer
     logging.info("%s: %s (stage %s, step %d)", what, source, loaded.stage, loaded.step)
-    return StageOutput(loaded.graphdef, loaded.params, loaded.model_cfg, loaded.source)
+    self._loaded[source] = StageOutput(loaded.graphdef, loaded.params, loaded.model_cfg,
+                                       loaded.source)
+    return self._loaded[source]
 
   def start(self, init_from: str | None, model_cfg: ModelConfig,
             what: str) -> StageOutput | None:
@@ -111,6 +117,9 @@ class RunContext:
     else:
       return None
     from llmjax.checkpoint import check_same_model
+    if model_cfg.head == "score":  # a reward model starts from a language model's body
+      model_cfg = dataclasses.replace(model_cfg, head=start.model_cfg.head,
+                                      tie_embeddings=start.model_cfg.tie_embeddings)
     check_same_model(dataclasses.asdict(start.model_cfg), model_cfg,
                      f"{what} ({start.source['workdir']}, stage {start.source['stage']})")
     return start
@@ -129,7 +138,11 @@ class RunContext:
       raise ConfigError(f"{what}.lora is set but {what} has no base model to adapt: run it "
                         f"after a stage that trains one, or set {what}.init_from to a run or "
                         "an llmjax-import")
-    role = policy_role(model_cfg, start.float_params() if start else None, lora_cfg, seed)
+    init = start.float_params() if start else None
+    if init is not None and model_cfg.head == "score" and start.model_cfg.head == "lm":
+      from llmjax.model.reward import init_reward_model
+      init = init_reward_model(init, model_cfg, seed)  # the body copied, a fresh score head
+    role = policy_role(model_cfg, init, lora_cfg, seed)
     meta = {"lora": lora_cfg.to_dict(), "base": start.source} if lora_cfg is not None else {}
     return role, meta
 

@@ -43,9 +43,10 @@ from llmjax.train import loop, roles as roles_lib
 from llmjax.train.optimizer import OptimizerConfig
 
 REFERENCE_FREE = ("simpo", "orpo")
-# These see the whole batch at once (sorting it, or a batch-wide token mean), so empty pair
-# slots of packed rows and microbatching would change their value: not offered here.
-BATCH_COUPLED = ("aot", "aot_unpaired", "sft")
+# These sort the batch's pairs, which empty slots of packed rows would join: not offered here.
+# ('sft', the chosen NLL as a token mean over the batch, is: empty slots add no tokens, and
+# like TRL's it is a mean per microbatch.)
+BATCH_COUPLED = ("aot", "aot_unpaired")
 STAGE_LOSS_TYPES = tuple(t for t in losses.LOSS_TYPES if t not in BATCH_COUPLED) + REFERENCE_FREE
 
 
@@ -72,9 +73,9 @@ class PreferenceLoss:
     unknown = [t for t in types if t not in STAGE_LOSS_TYPES]
     if unknown:
       why = (f" ({[t for t in unknown if t in BATCH_COUPLED]} couple the pairs of a batch, "
-             "which packed rows and microbatches split)" if set(unknown) & set(BATCH_COUPLED)
+             "and empty slots of packed rows would join them)" if set(unknown) & set(BATCH_COUPLED)
              else "")
-      raise ConfigError(f"PreferenceLoss.loss_type: unknown {unknown}{why}; choose from "
+      raise ConfigError(f"PreferenceLoss.loss_type: {unknown} not available{why}; choose from "
                         f"{list(STAGE_LOSS_TYPES)}")
     if set(types) & set(REFERENCE_FREE) and len(types) > 1:
       raise ConfigError(f"PreferenceLoss.loss_type={list(types)}: {REFERENCE_FREE} are "
@@ -97,7 +98,8 @@ class PreferenceLoss:
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(loss, chosen reward, rejected reward), each `[pairs]`, from flat `PairLogps`."""
     if self.reference_free:
-      avg_c, avg_r = pol.chosen / pol.chosen_lengths, pol.rejected / pol.rejected_lengths
+      avg_c = pol.chosen / jnp.maximum(pol.chosen_lengths, 1.0)
+      avg_r = pol.rejected / jnp.maximum(pol.rejected_lengths, 1.0)
       rewards = (jax.lax.stop_gradient(self.beta * avg_c),
                  jax.lax.stop_gradient(self.beta * avg_r))
       if self.types[0] == "simpo":
@@ -193,6 +195,10 @@ class DPO:
                                        enabled=ctx.is_chief)
     try:
       writer.write(0, pairs.counts, kind="data")
+      if items and start is not None and not _has_checkpoint(ctx.workdir, self.name):
+        # What the starting model answers: the eval records say what preference moved.
+        writer.write(0, extra_eval(*float_model(start.graphdef, start.params, start.model_cfg),
+                                   0), kind="baseline")
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       loss_fn = preference_objective(self.loss, self.data.max_pairs_per_row,
@@ -216,6 +222,11 @@ class DPO:
                                            ref.source, compute)
     return (preferences.attach_reference_logps(train_ex, tables["train"]),
             preferences.attach_reference_logps(eval_ex, tables["eval"]))
+
+
+def _has_checkpoint(workdir: str, stage: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints", stage)
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
 @gin.configurable("dpo")

@@ -375,7 +375,7 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
         acc = sums.setdefault(name, [0.0, 0.0])
         acc[0], acc[1] = acc[0] + float(s_), acc[1] + float(c_)
     record = {name: s_ / c_ if c_ > 0 else float("nan") for name, (s_, c_) in sums.items()}
-    if "loss" in record:
+    if "loss" in record and getattr(loss_fn, "is_token_nll", False):
       record["perplexity"] = float(np.exp(min(record["loss"], 50.0)))
     if extra_eval is not None:
       record.update(extra_eval(graphdefs[roles_lib.POLICY], policy_state(), step))

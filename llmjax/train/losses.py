@@ -110,4 +110,5 @@ def lm_objective(chunk_size: int = 0):
     del roles  # the next-token loss reads the policy alone
     loss_sum, count = lm_loss(model, batch, chunk_size)
     return loss_sum, count, {}
+  loss_fn.is_token_nll = True  # the loop reports exp(loss) as perplexity
   return loss_fn

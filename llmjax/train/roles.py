@@ -93,7 +93,17 @@ def policy_role(cfg: ModelConfig, init: Any = None, lora_cfg: lora.LoraConfig | 
         quant.quantize_model(model, lora_cfg.quantize_base)
       lora.add_lora(model, lora_cfg)
     return model
-  return Role(build, init, nnx.LoRAParam if lora_cfg is not None else nnx.Param, cfg)
+  return Role(build, init, trainable_filter(cfg, lora_cfg is not None), cfg)
+
+
+def trainable_filter(cfg: ModelConfig, lora_run: bool) -> Any:
+  """What trains: every parameter, or LoRA's adapters (and a reward model's score head,
+  which is new and has no base weights to adapt, as peft's `modules_to_save`)."""
+  if not lora_run:
+    return nnx.Param
+  if cfg.head == "score":
+    return nnx.Any(nnx.LoRAParam, nnx.PathContains("score"))
+  return nnx.LoRAParam
 
 
 def reference_model(policy: nnx.Module, roles: Mapping[str, Any]) -> Any:

@@ -239,7 +239,7 @@ def _check_layout(batch, max_pairs, rows=4, seq_len=SEQ_LEN):
   assert set(batch) == set(prefs.BATCH_KEYS)
   for k, v in batch.items():
     assert v.shape == ((rows, max_pairs) if k == "pair_index" else (rows, seq_len)), k
-    assert v.dtype == (np.float32 if k == "ref_logps" else np.int32), k
+    assert v.dtype == (np.float32 if k in ("ref_logps", "margin") else np.int32), k
   where = {}
   for row in range(rows):
     slot, seg, pos = batch["pair_slot"][row], batch["segment_ids"][row], batch["positions"][row]
@@ -372,3 +372,22 @@ def test_sequence_sums_ignore_padding_values():
   c, r = prefs.sequence_sums(values, batch, 3)
   assert c.tolist() == [[1.0, 3.0, 0.0]] and r.tolist() == [[2.0, 4.0, 0.0]]
   assert prefs.pair_valid(batch, 3).tolist() == [[True, True, False]]
+
+
+def test_margin_reaches_its_pair(tokenizer, tmp_path):
+  path = tmp_path / "margins.jsonl"
+  lines = [{"prompt": f"Q{i}?", "chosen": f"Right {i}.", "rejected": f"Wrong {i}.",
+            **({"margin": float(i) / 2} if i % 2 else {})} for i in range(6)]
+  path.write_text("\n".join(json.dumps(x) for x in lines))
+  pairs, _ = prefs.read_jsonl(str(path))
+  examples, _ = prefs.tokenize_pairs(pairs, tokenizer, "chatml", SEQ_LEN, "truncate_prompt")
+  batch = next(iter(prefs.pair_batches_in_order(examples, _cfg(max_pairs_per_row=3))))
+  chosen, rejected = prefs.sequence_sums(batch["margin"], batch, 3)
+  idx = batch["pair_index"]
+  got = {int(i): float(c) for i, c in zip(idx[idx >= 0], np.asarray(chosen)[idx >= 0])}
+  assert got == {i: (i / 2 if i % 2 else 0.0) for i in range(6)}
+  assert not np.asarray(rejected).any()
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"prompt": "Q?", "chosen": "a", "rejected": "b", "margin": "big"}))
+  with pytest.raises(DataError, match=r"bad.jsonl:1: 'margin' must be a number"):
+    prefs.read_jsonl(str(bad))
