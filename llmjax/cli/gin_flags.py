@@ -84,7 +84,7 @@ def check_macros_are_read(bindings: Sequence[str]) -> None:
   if not bound:
     return
   config = gin.config_str()  # the parsed config, macro references written `%NAME`
-  read = set(_MACRO_REFERENCE.findall(config))
+  read = {m for m in _MACRO_REFERENCE.findall(config) if not m.startswith("gin.")}  # REQUIRED
   for name in bound:
     if name in read:
       continue
