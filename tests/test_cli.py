@@ -51,7 +51,8 @@ def test_a_failed_start_leaves_the_runs_config_alone(tmp_path):
   configure([TINY], ["TOTAL_STEPS = 7"], str(workdir), command=["llmjax-train", "--x"])
   before = (workdir / "config.gin").read_bytes()
   assert b"# command: llmjax-train --x" in before and b"d_model=128" in before  # resolved
-  for bad in ("DataConfig.format = 'txt'", "TrainConfig.total_steps = 0", "NOPE = 1"):
+  for bad in ("DataConfig.format = 'txt'", "TrainConfig.total_steps = 0", "NOPE = 1",
+              "MeshConfig.data = 3"):
     with pytest.raises(ConfigError):
       configure([TINY], [bad], str(workdir))
     assert (workdir / "config.gin").read_bytes() == before

@@ -39,20 +39,21 @@ def configure(gin_files: list[str], gin_bindings: list[str], workdir: str,
   """Parses gin and builds every stage, then records the config in the workdir.
 
   Nothing is written, and the workdir is not created, unless every stage and `MeshConfig()`
-  built without error: a bad override must not touch an existing run. Returns the stages.
+  (against this run's devices) built without error: a bad override must not touch an
+  existing run. Returns the stages.
   """
+  import jax
   from llmjax import stages
   from llmjax.parallel import mesh as mesh_lib
   gin_flags.parse_gin(gin_files, gin_bindings)
   try:
     configured = stages.configure_stages()
-    mesh_lib.MeshConfig()
+    mesh_lib.MeshConfig().shape(jax.device_count())  # a mesh that cannot be built fails here
   except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise ConfigError(f"gin config: {e}. Bind it in the gin file or with "
                         "--gin.NAME=VALUE.") from None
     raise
-  import jax
   if jax.process_index() == 0:
     write_config(workdir, configured, command)
   return configured
@@ -95,7 +96,8 @@ def main(argv):
   from llmjax.parallel import distributed, mesh as mesh_lib
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          auto=FLAGS.jax_distributed)
-  configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir, sys.argv)
+  configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir,
+                         ["llmjax-train", *sys.argv[1:]])  # as typed, --gin.X=Y included
   mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files
   mesh = mesh_lib.make_mesh(mesh_cfg)
   names = [s.name for s in configured]
