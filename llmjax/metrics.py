@@ -68,7 +68,13 @@ def unigram_loss(batches: list[dict]) -> float:
 
 
 class MetricsWriter:
-  """Appends metrics to `metrics.jsonl` and TensorBoard, and draws console progress."""
+  """Appends metrics to `metrics.jsonl` and TensorBoard, and draws console progress.
+
+  A resumed stage redoes the steps after its last checkpoint: the loop calls `resume_from`
+  with the restored step, which drops this stage's rows past it, so the file holds one row
+  per (stage, kind, step) and TensorBoard one curve. A row whose (kind, step) this stage
+  already has (the step-0 baseline or data counts of a restart) is not written again.
+  """
 
   def __init__(self, workdir: str, stage: str, total_steps: int, enabled: bool = True):
     self.stage = stage
@@ -77,29 +83,63 @@ class MetricsWriter:
     self._tty = sys.stderr.isatty()
     self._start = time.time()
     self._tb = None
+    self._tb_dir = os.path.join(workdir, "tensorboard", stage)
+    self._purge_step: int | None = None
     self._jsonl = None
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._written: set[tuple[str, int]] = set()  # (kind, step) of this stage's rows
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      self._written = {(r["kind"], r["step"]) for r in _read_rows(self._path)
+                       if r.get("stage") == stage}
+      self._jsonl = open(self._path, "a", buffering=1)
+
+  def resume_from(self, step: int) -> None:
+    """Forgets this stage's records past `step` (the step the stage resumes from)."""
+    if not self.enabled:
+      return
+    if any(s > step for _, s in self._written):
+      self._jsonl.close()
+      keep = [r for r in _read_rows(self._path) if r.get("stage") != self.stage
+              or r.get("step", 0) <= step]
+      with open(self._path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+      os.replace(self._path + ".tmp", self._path)
+      self._jsonl = open(self._path, "a", buffering=1)
+      self._written = {(k, s) for k, s in self._written if s <= step}
+    # TensorBoard keeps old event files; a purge step hides their events from it onwards.
+    self._purge_step = step + 1
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def _tensorboard(self):
+    if self._tb is None:
       from tensorboardX import SummaryWriter  # imported late: heavy, and only process 0 needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+      self._tb = SummaryWriter(self._tb_dir, purge_step=self._purge_step)
+    return self._tb
 
   def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
     """One record: `{"stage", "step", "kind", **metrics}`; eval records have kind 'eval'."""
-    if not self.enabled:
+    if not self.enabled or (kind, step) in self._written:
       return
     clean = {k: _plain(v) for k, v in metrics.items()}
     record = {"stage": self.stage, "step": step, "kind": kind, **clean}
     self._jsonl.write(json.dumps(record) + "\n")
+    self._written.add((kind, step))
     for name, value in clean.items():
       if isinstance(value, (int, float)) and value is not None:
-        self._tb.add_scalar(f"{kind}/{name}", value, step)
+        self._tensorboard().add_scalar(f"{kind}/{name}", value, step)
     self._console(step, clean, kind)
 
   def _console(self, step: int, m: dict[str, Any], kind: str) -> None:
     if kind != "train":
-      text = " ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
-      self._print(f"[{self.stage}] {kind} @ step {step}: {text}", newline=True)
+      # Counts (the data record's) as integers, measurements to 4 significant digits.
+      text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in m.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool))
+      if text:
+        self._print(f"[{self.stage}] {kind} @ step {step}: {text}", newline=True)
       return
     frac = step / max(self.total_steps, 1)
     bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
@@ -136,6 +176,20 @@ def _hms(seconds: float) -> str:
   m, s = divmod(int(seconds), 60)
   h, m = divmod(m, 60)
   return f"{h}:{m:02d}:{s:02d}"
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics file; a line cut short by a crash is dropped."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import gin
 import pytest
 
 from llmjax.cli import gin_flags
@@ -28,6 +29,38 @@ def test_gin_overrides_change_what_they_should(tmp_path):
   assert stage.optimizer.learning_rate == 0.01
   written = (tmp_path / "config.gin").read_text()
   assert "TrainConfig.total_steps = 7" in written and "SEQ_LEN = 64" in written
+
+
+def test_misspelled_macro_fails_before_anything_with_the_closest_name(tmp_path):
+  workdir = tmp_path / "run"
+  _, bindings = gin_flags.split_gin_shorthand(["--gin.TOTAL_STEP=100"])
+  with pytest.raises(ConfigError, match=r"'TOTAL_STEP'.*ignored.*Did you mean 'TOTAL_STEPS'"):
+    configure([TINY], bindings, str(workdir))
+  with pytest.raises(ConfigError, match=r"Did you mean 'TrainConfig.log_every'"):
+    configure([TINY], ["log_every = 5"], str(workdir))
+  assert not workdir.exists()  # nothing written for a start that never began
+  (stage,) = configure([TINY], ["TOTAL_STEPS = 100"], str(workdir))
+  assert stage.train.total_steps == 100
+
+
+def test_a_failed_start_leaves_the_runs_config_alone(tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="DataConfig.format='txt'"):
+    configure([TINY], ["DataConfig.format = 'txt'"], str(workdir))
+  assert not workdir.exists()
+  configure([TINY], ["TOTAL_STEPS = 7"], str(workdir), command=["llmjax-train", "--x"])
+  before = (workdir / "config.gin").read_bytes()
+  assert b"# command: llmjax-train --x" in before and b"d_model=128" in before  # resolved
+  for bad in ("DataConfig.format = 'txt'", "TrainConfig.total_steps = 0", "NOPE = 1",
+              "MeshConfig.data = 3"):
+    with pytest.raises(ConfigError):
+      configure([TINY], [bad], str(workdir))
+    assert (workdir / "config.gin").read_bytes() == before
+  assert sorted(os.listdir(workdir / "config_history")) == ["0001.gin"]
+  configure([TINY], ["TOTAL_STEPS = 9"], str(workdir))
+  assert sorted(os.listdir(workdir / "config_history")) == ["0001.gin", "0002.gin"]
+  assert (workdir / "config_history" / "0001.gin").read_bytes() == before
+  assert "TOTAL_STEPS = 9" in (workdir / "config.gin").read_text()
 
 
 def test_shorthand_quotes_bare_strings():
@@ -71,9 +104,12 @@ def test_missing_gin_file(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments/**/*.gin"),
                                                   recursive=True)))
 def test_every_experiment_parses(path, tmp_path):
-  # The values every recipe marks as must-override, given as a user would.
-  musts = ["TRAIN_FILES = ['/data/*.jsonl']", "TOKENIZER = '/data/tokenizer.model'"]
-  stages = configure([path], musts, str(tmp_path))
+  # The values recipes mark as must-override, given as a user would to those that read them.
+  musts = {"TRAIN_FILES": "['/data/*.jsonl']", "TOKENIZER": "'/data/tokenizer.model'"}
+  gin_flags.parse_gin([path], [])
+  read = gin.config_str()
+  stages = configure([path], [f"{k} = {v}" for k, v in musts.items() if f"%{k}" in read],
+                     str(tmp_path))
   assert stages and all(s.model.vocab_size > 0 for s in stages)
 
 

@@ -47,6 +47,10 @@ def test_resumed_run_continues_where_it_stopped(trained):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "pretrain"))) == ["30", "60"]
   for name in ("config.gin", "tokenizer.model", "tensorboard"):
     assert os.path.exists(os.path.join(workdir, name))
+  history = sorted(os.listdir(os.path.join(workdir, "config_history")))
+  assert history == ["0001.gin", "0002.gin"]  # one per start: stopped, then resumed
+  with open(os.path.join(workdir, "config_history", "0001.gin")) as f:
+    assert "--stop_after_steps=30" in f.read()
 
 
 def test_generate_continues_a_prompt(trained):

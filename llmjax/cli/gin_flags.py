@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -62,6 +64,46 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
   except (ValueError, SyntaxError, IOError) as e:
     raise ConfigError(f"gin config: {e}") from None
+  check_macros_are_read(bindings)
+
+
+# `NAME = ...` (optionally `scope/NAME`) at the start of a binding line: a macro, since a
+# parameter binding has a dot (`Configurable.param = ...`).
+_MACRO_BINDING = re.compile(r"^\s*((?:[\w.]+/)*[A-Za-z_]\w*)\s*=", re.MULTILINE)
+_MACRO_REFERENCE = re.compile(r"%((?:[\w.]+/)*[A-Za-z_][\w.]*)")
+_PARAMETER_BINDING = re.compile(r"^(?:[\w.]+/)*([\w.]+)\.(\w+)\s*=", re.MULTILINE)
+
+
+def check_macros_are_read(bindings: Sequence[str]) -> None:
+  """Fails when a binding sets a macro that no parsed file or binding reads (`%NAME`).
+
+  gin accepts any `NAME = VALUE` as a macro definition, so a misspelled `--gin.TOTAL_STEP=100`
+  would otherwise be ignored and the run would train with the file's value.
+  """
+  bound = [m for b in bindings for m in _MACRO_BINDING.findall(b)]
+  if not bound:
+    return
+  config = gin.config_str()  # the parsed config, macro references written `%NAME`
+  read = {m for m in _MACRO_REFERENCE.findall(config) if not m.startswith("gin.")}  # REQUIRED
+  for name in bound:
+    if name in read:
+      continue
+    raise ConfigError(f"gin binding {name!r}: the experiment reads no macro (%NAME) or "
+                      f"parameter of that name, so the value would be ignored."
+                      f"{_closest(name, read, config)} Set a macro by the name the gin file "
+                      "reads, a parameter as --gin.Configurable.param=VALUE.")
+
+
+def _closest(name: str, macros: set[str], config: str) -> str:
+  # Case-insensitive, and against a parameter's own name too: `--gin.total_steps=5` should
+  # point at `TrainConfig.total_steps` (or `TOTAL_STEPS`), not at nothing.
+  candidates = {m.lower(): m for m in macros}
+  for configurable, param in _PARAMETER_BINDING.findall(config):
+    full = f"{configurable}.{param}"
+    candidates.setdefault(param.lower(), full)
+    candidates.setdefault(full.lower(), full)
+  match = difflib.get_close_matches(name.lower(), list(candidates), n=1, cutoff=0.6)
+  return f" Did you mean {candidates[match[0]]!r}?" if match else ""
 
 
 def argv_with_gin_shorthand(argv: Sequence[str] | None = None) -> list[str]:

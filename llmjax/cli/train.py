@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
+import time
+from typing import Sequence
 
 import gin
 from absl import app, flags, logging
@@ -31,28 +34,59 @@ flags.DEFINE_integer("stop_after_steps", None,
                      "would; running again resumes.")
 
 
-def configure(gin_files: list[str], gin_bindings: list[str], workdir: str):
-  """Parses gin and builds every stage; writes `<workdir>/config.gin`.
+def configure(gin_files: list[str], gin_bindings: list[str], workdir: str,
+              command: Sequence[str] | None = None):
+  """Parses gin and builds every stage, then records the config in the workdir.
 
-  Returns the stages; `MeshConfig()` is resolved too, so its bindings are checked here.
+  Nothing is written, and the workdir is not created, unless every stage and `MeshConfig()`
+  (against this run's devices) built without error: a bad override must not touch an
+  existing run. Returns the stages.
   """
+  import jax
   from llmjax import stages
   from llmjax.parallel import mesh as mesh_lib
   gin_flags.parse_gin(gin_files, gin_bindings)
   try:
     configured = stages.configure_stages()
-    mesh_lib.MeshConfig()
+    mesh_lib.MeshConfig().shape(jax.device_count())  # a mesh that cannot be built fails here
   except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise ConfigError(f"gin config: {e}. Bind it in the gin file or with "
                         "--gin.NAME=VALUE.") from None
     raise
-  os.makedirs(workdir, exist_ok=True)
-  import jax
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
+    write_config(workdir, configured, command)
   return configured
+
+
+CONFIG_FILE = "config.gin"
+HISTORY_DIR = "config_history"
+
+
+def write_config(workdir: str, configured: list, command: Sequence[str] | None = None) -> str:
+  """Writes the config this start runs with; returns the history file's path.
+
+  `config.gin` is the latest start's, and `config_history/NNNN.gin` keeps every start's (a
+  resumed run may have been started with other overrides). Each holds gin's operative config
+  (every value the stages were built with, defaults included), then, as comments, the command
+  and what gin does not show: each stage's resolved model (preset plus overrides).
+  """
+  lines = [f"# llmjax-train start at {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+  if command:
+    lines.append("# command: " + " ".join(shlex.quote(a) for a in command))
+  text = "\n".join(lines) + "\n\n" + gin.operative_config_str() + "\n"
+  text += "# ---- Resolved (not gin bindings: what the stages were built with) ----\n"
+  for stage in configured:
+    text += f"# {stage.name}.model = {stage.model!r}\n"
+  history = os.path.join(workdir, HISTORY_DIR)
+  os.makedirs(history, exist_ok=True)
+  numbers = [int(n[:-4]) for n in os.listdir(history) if n.endswith(".gin") and n[:-4].isdigit()]
+  path = os.path.join(history, f"{max(numbers, default=0) + 1:04d}.gin")
+  for target in (path, os.path.join(workdir, CONFIG_FILE)):
+    with open(target + ".tmp", "w") as f:  # never a half-written config.gin
+      f.write(text)
+    os.replace(target + ".tmp", target)
+  return path
 
 
 def main(argv):
@@ -62,7 +96,8 @@ def main(argv):
   from llmjax.parallel import distributed, mesh as mesh_lib
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          auto=FLAGS.jax_distributed)
-  configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+  configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir,
+                         ["llmjax-train", *sys.argv[1:]])  # as typed, --gin.X=Y included
   mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files
   mesh = mesh_lib.make_mesh(mesh_cfg)
   names = [s.name for s in configured]

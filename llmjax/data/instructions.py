@@ -24,7 +24,7 @@ import numpy as np
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows, rename_packed
-from llmjax.data.sources import expand_paths
+from llmjax.data.sources import expand_paths, json_error_where
 from llmjax.errors import ConfigError, DataError
 
 OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
@@ -116,7 +116,7 @@ def read_jsonl(paths: Sequence[str] | str, skip_bad_lines: bool = False
           try:
             record = json.loads(line)
           except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix the "
+            raise DataError(f"{where}: not valid JSON ({json_error_where(e)}); fix the "
                             "line or set SFTDataConfig.skip_bad_lines = True") from None
           conversations.append(_to_messages(record, where))
         except DataError:

@@ -72,6 +72,9 @@ class DataConfig:
   def __post_init__(self):
     for name in ("train_paths", "eval_paths"):
       object.__setattr__(self, name, as_paths(getattr(self, name)))
+    if self.format not in sources_lib.FORMATS:  # checked here: before anything compiles
+      raise ConfigError(f"DataConfig.format={self.format!r}: use one of "
+                        f"{', '.join(sources_lib.FORMATS)}")
     if self.seq_len < 2:
       raise ConfigError(f"DataConfig.seq_len must be at least 2 (one input and one target "
                         f"token), got {self.seq_len}")

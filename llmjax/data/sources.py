@@ -161,6 +161,13 @@ class JsonlSource(_IndexedFiles):
     return json.loads(data)[self.field]
 
 
+def json_error_where(e: json.JSONDecodeError) -> str:
+  """json's message and column: 'Expecting value at column 3'. Some of its messages already
+  end in 'at' ('Unterminated string starting at'), which must not become 'at at'."""
+  at = "" if e.msg.endswith(" at") else " at"
+  return f"{e.msg}{at} column {e.colno}"
+
+
 def _json_problem(raw: bytes, field: str) -> str | None:
   """What is wrong with one JSONL line, or None."""
   try:
@@ -168,7 +175,7 @@ def _json_problem(raw: bytes, field: str) -> str | None:
   except UnicodeDecodeError as e:
     return f"not valid UTF-8 ({e.reason})"
   except json.JSONDecodeError as e:
-    return f"not valid JSON ({e.msg} at column {e.colno})"
+    return f"not valid JSON ({json_error_where(e)})"
   if not isinstance(obj, dict):
     return f"expected a JSON object, got {type(obj).__name__}"
   if field not in obj:

@@ -348,6 +348,7 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
     # Restores into this run's shardings, whatever mesh or process count wrote it.
     state = checkpointer.restore(latest, ckpt_lib.abstract_like(state), data_iter)
     logging.info("Resumed %s from step %d in %s", stage, latest, checkpointer.directory)
+  writer.resume_from(latest or 0)  # records past the restored step are redone, not repeated
 
   def with_activation_sharding(fn):
     def wrapped(*args):
@@ -404,10 +405,15 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
         seq_len = batch["tokens"].shape[1]
         flops_per_token = metrics_lib.flops_per_token(model_cfg, seq_len)
       tokens_per_step = batch["tokens"].size * jax.process_count() if "tokens" in batch else 0
+      if step == first_step:  # the first call compiles: minutes of silence on a large model
+        logging.info("%s: compiling the train step...", stage)
+        compile_start = time.time()
       state, step_metrics = step_fn(state, frozen, to_device(batch))
       step += 1
       if step == first_step + 1:  # keep the first step's compile out of tokens/s
         jax.block_until_ready(state)
+        logging.info("%s: train step compiled and run once in %.1f s", stage,
+                     time.time() - compile_start)
         timer_start = time.time()
       last = step == train_cfg.total_steps
       stopping = stop.requested or step == stop_after

@@ -64,6 +64,7 @@ def test_jsonl_source(tmp_path):
 
 @pytest.mark.parametrize("line,problem", [
     ("not json", "not valid JSON"),
+    ('{"text": "cut off', "not valid JSON (Invalid control character at column 18)"),  # no 'at at'
     ("[1, 2]", "expected a JSON object, got list"),
     ('{"body": "x"}', "no 'text' key"),
     ('{"text": 5}', "'text' is int, expected a string"),

@@ -170,6 +170,7 @@ def test_jsonl_alpaca_and_chat_forms(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", r"d.jsonl:2: not valid JSON"),
+    ('{"output": "cut off', r"d.jsonl:2: not valid JSON \(Invalid control character at column 20"),
     (json.dumps({"messages": [{"role": "bot", "content": "x"}]}), r"d.jsonl:2: .*role 'bot'"),
     (json.dumps({"prompt": "x"}), r"d.jsonl:2: neither chat form"),
     (json.dumps({"messages": [{"role": "user", "content": "a"},

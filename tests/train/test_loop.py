@@ -64,6 +64,54 @@ def test_resume_after_interruption_is_exact(straight_run, tmp_path, tokenizer_pa
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def _tensorboard_scalars(logdir):
+  """(tag, step) -> values, as TensorBoard shows them: a SessionLog START at step s (a
+  writer's purge_step) hides the events at steps >= s that came before it."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  seen: dict = {}
+  for name in sorted(os.listdir(logdir)):  # event files are named by creation time
+    with open(os.path.join(logdir, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        seen = {k: v for k, v in seen.items() if k[1] < event.step}
+      for value in event.summary.value:
+        seen.setdefault((value.tag, event.step), []).append(value.simple_value)
+  return seen
+
+
+def test_resume_redoes_steps_without_repeating_their_metrics(tmp_path, tokenizer_path):
+  s = stage(tokenizer_path)  # checkpoints at 3 and 6
+  run(tmp_path, s, stop_after=5)
+  # As if the process was killed after logging step 5 but before saving it: resuming
+  # from 3 redoes steps 4 and 5.
+  import shutil
+  shutil.rmtree(tmp_path / "checkpoints/pretrain/5")
+  run(tmp_path, s)
+  rows = read_metrics(str(tmp_path))
+  keys = [(r["stage"], r["kind"], r["step"]) for r in rows]
+  assert len(keys) == len(set(keys)), keys
+  assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in rows if r["kind"] == "baseline"] == [0]
+  scalars = _tensorboard_scalars(tmp_path / "tensorboard" / "pretrain")
+  assert all(len(v) == 1 for v in scalars.values())
+  assert sorted(step for tag, step in scalars if tag == "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_console_shows_a_records_counts(tmp_path, capsys):
+  writer = loop.metrics_lib.MetricsWriter(str(tmp_path), "sft", 10)
+  writer.write(0, {"train_examples": 1200, "skipped_lines": 0}, kind="data")
+  writer.write(0, {}, kind="baseline")  # nothing to show: no line at all
+  writer.close()
+  assert capsys.readouterr().err.splitlines() == [
+      "[sft] data @ step 0: train_examples 1200 skipped_lines 0"]
+
+
 def test_metrics_are_logged(straight_run):
   workdir, _ = straight_run
   records = read_metrics(str(workdir))
