@@ -1,0 +1,93 @@
+"""One DPO step (with a reference role) and one reward-model step on 8 simulated CPU devices,
+with 2 microbatches, vs one device without accumulation. Run as a script (the device count is
+fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import numpy as np  # noqa: E402
+
+
+def one_step(all_roles, loss_fn, mesh, batch, accum):
+  """(metrics, new policy leaves) of one train step of `all_roles` on `mesh`."""
+  import jax
+  import optax
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.train import loop
+
+  rules = mesh_lib.RULE_SETS["fsdp_tensor"]
+  graphdefs, trainables, frozen = {}, {}, {}
+  for name, role in all_roles.items():
+    graphdefs[name], t, frozen[name], _, _ = loop._place_role(role, mesh, rules)
+    if name == "policy":
+      trainables[name] = t
+  # Plain SGD: the update is the gradient itself (Adam's first step would be ~lr for every
+  # weight, amplifying summation-order noise in near-zero gradients).
+  tx = optax.sgd(1.0)
+  state = loop.init_train_state(trainables, tx)
+  b_shard = mesh_lib.batch_sharding(mesh, rules)
+
+  def step(state, frozen, batch):
+    with mesh_lib.activation_sharding(mesh, rules):
+      return loop.make_train_step(graphdefs, tx, optax.constant_schedule(1.0), loss_fn,
+                                  accum)(state, frozen, batch)
+  state, m = jax.jit(step)(state, frozen, mesh_lib.host_batch_to_global(batch, b_shard))
+  return ({k: float(v) for k, v in m.items()},
+          [np.asarray(x) for x in jax.tree.leaves(state["params"])])
+
+
+def main():
+  import jax
+  from flax import nnx
+  from llmjax.data import preferences
+  from llmjax.data.tokenizer import Tokenizer
+  from llmjax.model.reward import init_reward_model, reward_config
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.stages.dpo import PreferenceLoss, preference_objective
+  from llmjax.stages.reward_model import reward_objective
+  from llmjax.train.roles import Role, policy_role
+  from tests.conftest import TEST_MODEL
+
+  tokenizer = Tokenizer.load(sys.argv[1])
+  cfg = PreferenceLoss  # noqa: F841 (keeps the import visible in tracebacks)
+  data = preferences.PreferenceDataConfig(seq_len=128, batch_size=8, max_pairs_per_row=2)
+  pairs = preferences.builtin_pairs("train", 24)
+  examples, _ = preferences.tokenize_pairs(pairs, tokenizer, "chatml", 128, "drop")
+  batch = next(iter(preferences.pair_batches_in_order(examples, data)))
+  n_pairs = int((batch["pair_index"] >= 0).sum())
+
+  base = nnx.state(build_model(TEST_MODEL, seed=1))
+  ref_graphdef, ref_params = nnx.split(build_model(TEST_MODEL, seed=2))
+  rm_cfg = reward_config(TEST_MODEL)
+  variants = {
+      "dpo": ({"policy": policy_role(TEST_MODEL, base),
+               "reference": Role.frozen(ref_graphdef, ref_params, TEST_MODEL)},
+              preference_objective(PreferenceLoss(loss_type="sigmoid", beta=0.1), 2, False)),
+      "rm": ({"policy": policy_role(rm_cfg, init_reward_model(base, rm_cfg, seed=3))},
+             reward_objective(2, center_rewards_coefficient=0.01)),
+  }
+  one_device = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
+  results = {"pairs": n_pairs}
+  for name, (all_roles, loss_fn) in variants.items():
+    ref_m, ref_p = one_step(all_roles, loss_fn, one_device, batch, accum=1)
+    got_m, got_p = one_step(all_roles, loss_fn, mesh_lib.make_mesh(
+        mesh_lib.MeshConfig(2, 2, 2)), batch, accum=2)
+    results[name] = {
+        "metrics": got_m, "ref_metrics": ref_m,
+        "param_max_diff": max(float(np.abs(a - b).max()) for a, b in zip(got_p, ref_p)),
+        "param_max_change": max(float(np.abs(a - b).max()) for a, b in zip(
+            ref_p, [np.asarray(x) for x in jax.tree.leaves(
+                nnx.split(all_roles["policy"].build(all_roles["policy"].init),
+                          all_roles["policy"].trainable, ...)[1])]))}
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()
