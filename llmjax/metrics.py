@@ -48,7 +48,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   accounting. The input embedding is a lookup, not a matmul; the output projection is one
   even when tied.
   """
-  matmul_params = cfg.num_params(include_embeddings=False) + cfg.d_model * cfg.vocab_size
+  # The output projection: the vocab matrix, or nothing more for a reward model (its score
+  # head is one of num_params' non-embedding parameters).
+  head = 0 if cfg.head == "score" else cfg.d_model * cfg.vocab_size
+  matmul_params = cfg.num_params(include_embeddings=False) + head
   attention = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
   return 6.0 * matmul_params + attention
 

@@ -9,7 +9,8 @@ SimPO or ORPO (ORPO adds the chosen completion's per-token NLL, averaged per pai
 
 With `precompute_reference`, the reference's log-probs are computed in one pass before
 training and saved in the workdir (`reference_logps/dpo.npz`): no reference model in memory
-during training, and a resumed run reads them back.
+during training, and a resumed run reads them back. The precomputed reference is the float
+start (for QLoRA: not its quantized copy, which the live reference would be).
 
 Logged as TRL logs them: rewards/chosen, rewards/rejected, rewards/margins,
 rewards/accuracies (the implicit reward beta * (logp - ref_logp); beta * average logp for
