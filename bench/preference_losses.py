@@ -31,7 +31,6 @@ EXTRA = {"exo_pair": {"label_smoothing": 1e-3}, "simpo": {"beta": 2.0, "simpo_ga
 def run_one(loss_type, workdir: str) -> dict:
   from llmjax.data import preferences
   from llmjax.metrics import read_metrics
-  from llmjax.model.config import model_config
   from llmjax.runs.load import load_run
   from llmjax.stages import RunContext, run_stages
   from llmjax.stages.context import TokenizerConfig
@@ -52,7 +51,6 @@ def run_one(loss_type, workdir: str) -> dict:
       tokenizer=TokenizerConfig(), loss=PreferenceLoss(loss_type=loss_type,
                                                        **EXTRA.get(name, {})),
       init_from=FLAGS.init_from, eval_questions=100)
-  del model_config
   run_stages([stage], RunContext(workdir=workdir))
   records = read_metrics(workdir)
   train = [r for r in records if r["kind"] == "train"]
