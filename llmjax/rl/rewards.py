@@ -26,9 +26,10 @@ _NUM = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 _NUMBER = re.compile(
     rf"(?<![\w.])(?P<sign>[-\u2212])?\s?\$?\s?(?P<num>{_NUM})"
     rf"(?:\s?/\s?(?P<den>{_NUM}))?")
-# LaTeX fractions: \frac{3}{4}, \dfrac{3}{4}, \tfrac34 is not supported.
+# LaTeX fractions: \frac{3}{4}, \dfrac{3}{4} (the brace-less \tfrac34 is not read).
 _LATEX_FRAC = re.compile(
-    rf"(?P<sign>[-\u2212])?\s?\\[dt]?frac\s*\{{\s*(?P<num>{_NUM})\s*\}}\s*\{{\s*(?P<den>{_NUM})\s*\}}")
+    rf"(?P<sign>[-\u2212])?\s?\\[dt]?frac\s*\{{\s*(?P<num>{_NUM})\s*\}}"
+    rf"\s*\{{\s*(?P<den>{_NUM})\s*\}}")
 # Final-answer markers; the last one in the completion decides. \boxed is read separately (its
 # braces delimit the answer).
 _MARKER = re.compile(r"####|\b(?:final\s+)?answer\s*(?:is\s*:?|:|=)|\\boxed\s*\{", re.IGNORECASE)
