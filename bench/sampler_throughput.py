@@ -40,6 +40,8 @@ flags.DEFINE_list("batches", None, "Batch sizes (default 1,32; bound: 1,8,32,128
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+flags.DEFINE_bool("hf", True, "compare: also time transformers (--nohf: llmjax only, e.g. to "
+                  "compare two sampler versions).")
 flags.DEFINE_float("hbm_bandwidth", None, "Bytes/s of the accelerator's memory (default: "
                    "from the device kind).")
 
@@ -119,9 +121,17 @@ def _check_same_greedy(graphdef, params, model) -> None:
 
 
 def compare():
-  import torch
   cfg = model_config(FLAGS.preset or "tiny", {"dtype": "float32"})
   graphdef, params = init_params(cfg, seed=0)
+  if not FLAGS.hf:
+    print(f"# {FLAGS.preset or 'tiny'}: {cfg.num_params() / 1e6:.1f}M params, prompt "
+          f"{FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, float32; "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    print("| batch | llmjax tok/s |\n|---|---|")
+    for batch in [int(b) for b in (FLAGS.batches or ["1", "32"])]:
+      print(f"| {batch} | {llmjax_decode_tps(graphdef, params, batch):,.0f} |", flush=True)
+    return
+  import torch
   model = hf_model(cfg, params)
   _check_same_greedy(graphdef, params, model)
   print(f"# {FLAGS.preset or 'tiny'}: {cfg.num_params() / 1e6:.1f}M params, prompt "
