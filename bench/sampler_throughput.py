@@ -28,7 +28,7 @@ from absl import app, flags
 
 from llmjax.model.config import model_config
 from llmjax.sample import kv_cache
-from llmjax.sample.sampler import Sampler
+from llmjax.sample.sampler import Sampler, decode_windows
 from llmjax.train.loop import init_params
 
 FLAGS = flags.FLAGS
@@ -40,6 +40,11 @@ flags.DEFINE_list("batches", None, "Batch sizes (default 1,32; bound: 1,8,32,128
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+flags.DEFINE_bool("windows", False, "compare: time decode in cache windows (the sampler) "
+                  "against one whole-bucket window (the sampler before windows), interleaved in "
+                  "one process, by wall and by process CPU time (robust to shared cores).")
+flags.DEFINE_bool("hf", True, "compare: also time transformers (--nohf: llmjax only, e.g. to "
+                  "compare two sampler versions).")
 flags.DEFINE_float("hbm_bandwidth", None, "Bytes/s of the accelerator's memory (default: "
                    "from the device kind).")
 
@@ -118,10 +123,68 @@ def _check_same_greedy(graphdef, params, model) -> None:
     raise SystemExit(f"llmjax and transformers disagree: {ours} vs {theirs}")
 
 
+def _windows_vs_whole(graphdef, params, batch: int) -> dict[str, tuple[float, float]]:
+  """{'whole'|'windowed': (wall tok/s, CPU tok/s)}, min over interleaved repeats."""
+  from llmjax.sample import sampler as sampler_lib
+  windowed = sampler_lib.decode_windows
+  prompts = _prompts(batch, FLAGS.prompt_len, 256)
+  runs = {}
+  for name, windows in (("whole", lambda prompt_len, new_bucket: (new_bucket,)),
+                        ("windowed", windowed)):
+    sampler_lib.decode_windows = windows  # read at trace time: compile now, keep the program
+    sampler = Sampler(graphdef, params, eos_ids=[], max_batch=max(batch, 1))
+    program = jax.jit(sampler_lib._generate.__wrapped__, static_argnames=(
+        "graphdef", "num_samples", "new_bucket", "greedy", "top_k_bucket", "use_top_p",
+        "pad_id"))
+    sampler_lib._generate, original = program, sampler_lib._generate
+    try:
+      for n in (FLAGS.new_tokens, 1):
+        sampler.sample(prompts, max_new_tokens=n)  # compile + warm up
+    finally:
+      sampler_lib._generate = original
+    runs[name] = (sampler, program)
+  sampler_lib.decode_windows = windowed
+  best = {name: [float("inf")] * 2 for name in runs}
+  for _ in range(FLAGS.repeats):
+    for name, (sampler, program) in runs.items():
+      sampler_lib._generate, original = program, sampler_lib._generate
+      try:
+        spent = []
+        for n in (FLAGS.new_tokens, 1):
+          wall, cpu = time.perf_counter(), time.process_time()
+          jax.block_until_ready(sampler.sample(prompts, max_new_tokens=n).tokens)
+          spent.append((time.perf_counter() - wall, time.process_time() - cpu))
+      finally:
+        sampler_lib._generate = original
+      for i in range(2):
+        best[name][i] = min(best[name][i], spent[0][i] - spent[1][i])
+  tokens = batch * (FLAGS.new_tokens - 1)
+  return {name: tuple(tokens / max(t, 1e-9) for t in ts) for name, ts in best.items()}
+
+
 def compare():
-  import torch
   cfg = model_config(FLAGS.preset or "tiny", {"dtype": "float32"})
   graphdef, params = init_params(cfg, seed=0)
+  if FLAGS.windows:
+    print(f"# {FLAGS.preset or 'tiny'}: prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new "
+          f"tokens, greedy, float32; min of {FLAGS.repeats} interleaved runs")
+    print("| batch | whole cache tok/s (wall / CPU) | windowed tok/s (wall / CPU) | CPU "
+          "speedup |\n|---|---|---|---|")
+    for batch in [int(b) for b in (FLAGS.batches or ["1", "32"])]:
+      r = _windows_vs_whole(graphdef, params, batch)
+      print(f"| {batch} | {r['whole'][0]:,.0f} / {r['whole'][1]:,.0f} | "
+            f"{r['windowed'][0]:,.0f} / {r['windowed'][1]:,.0f} | "
+            f"{r['windowed'][1] / r['whole'][1]:.2f}x |", flush=True)
+    return
+  if not FLAGS.hf:
+    print(f"# {FLAGS.preset or 'tiny'}: {cfg.num_params() / 1e6:.1f}M params, prompt "
+          f"{FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, greedy, float32; "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    print("| batch | llmjax tok/s |\n|---|---|")
+    for batch in [int(b) for b in (FLAGS.batches or ["1", "32"])]:
+      print(f"| {batch} | {llmjax_decode_tps(graphdef, params, batch):,.0f} |", flush=True)
+    return
+  import torch
   model = hf_model(cfg, params)
   _check_same_greedy(graphdef, params, model)
   print(f"# {FLAGS.preset or 'tiny'}: {cfg.num_params() / 1e6:.1f}M params, prompt "
@@ -155,8 +218,12 @@ def bound():
     tps = llmjax_decode_tps(graphdef, params, batch)
     new_bucket = max(16, 1 << (FLAGS.new_tokens - 1).bit_length())
     prompt_bucket = max(16, 1 << (FLAGS.prompt_len - 1).bit_length())
-    # What this sampler reads per step: the weights and the whole (bucketed) cache.
-    step_bytes = weight_bytes + kv_cache.cache_bytes(cfg, batch, prompt_bucket + new_bucket)
+    # What this sampler reads per step: the weights and the cache window of that step
+    # (`decode_windows`), averaged over the timed steps 1..new_tokens-1.
+    ends = decode_windows(prompt_bucket, new_bucket)
+    windows = [prompt_bucket + next(e for e in ends if t < e)
+               for t in range(1, FLAGS.new_tokens)]
+    step_bytes = weight_bytes + kv_cache.cache_bytes(cfg, batch, sum(windows) / len(windows))
     limit = batch * bw / step_bytes
     print(f"| {batch} | {tps:,.0f} | {limit:,.0f} | {tps / limit:.0%} |", flush=True)
 

@@ -45,6 +45,20 @@ def repeat_rows(cache: KVCache, times: int) -> KVCache:
   return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), cache)
 
 
+def grow(cache: KVCache, cache_len: int) -> KVCache:
+  """The cache with `cache_len - current` empty (invalid) slots appended.
+
+  The sampler decodes in segments whose cache ends just past the last slot they can write,
+  so a step's attention reads only the filled part (plus a bounded margin), not the budget.
+  """
+  extra = cache_len - cache.valid.shape[1]
+  if extra <= 0:
+    return cache
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+  return cache._replace(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)),
+                        valid=pad(cache.valid))
+
+
 def cache_bytes(cfg: ModelConfig, batch: int, cache_len: int, dtype=None) -> int:
   """Bytes of the k and v buffers: what each decode step reads besides the weights."""
   itemsize = jnp.dtype(dtype or cfg.dtype).itemsize

@@ -66,15 +66,45 @@ class SampleOutput:
     return self.tokens[prompt, sample, :self.lengths[prompt, sample]].tolist()
 
 
-def _choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-            greedy: bool, top_k: int, use_top_p: bool) -> tuple[jax.Array, jax.Array]:
-  """(token `[b]`, its log-probability under the sampled distribution `[b]`)."""
+def _top_k_bucket(top_k: int, vocab: int) -> int:
+  """The static width of the top-k candidates: a power of two >= top_k (at least 16), so
+  top_k values within one bucket share a compiled program."""
+  return min(vocab, _pow2_at_least(top_k, 16))
+
+
+def _categorical_first_k(key: jax.Array, x: jax.Array, k: jax.Array) -> jax.Array:
+  """`jax.random.categorical(key, x[:, :k])` for a traced `k`, over `x [b, K]` (K >= k).
+
+  Bit-identical to the call on the `[b, k]` slice: categorical is argmax(x + gumbel(key,
+  shape)), and (threefry, partitionable: jax's default) element `[i, j]` of a `[b, k]` draw
+  is element `i * k + j` of a flat `[b * k]` draw, itself the same element of any longer flat
+  draw. So one static-size draw, gathered at `i * k + j`, reproduces the old static-k sampler
+  for the same key.
+  """
+  b, width = x.shape
+  flat = jax.random.gumbel(key, (b * width,), x.dtype)
+  cols = jnp.arange(width)
+  # <= b*K - 1 wherever cols < k; the rest is masked out below.
+  gather = jnp.minimum(jnp.arange(b)[:, None] * k + cols[None], b * width - 1)
+  scores = jnp.where(cols[None] < k, x + flat[gather], -jnp.inf)
+  return jnp.argmax(scores, axis=-1)
+
+
+def _choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+            top_k: jax.Array, *, greedy: bool, top_k_bucket: int,
+            use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+  """(token `[b]`, its log-probability under the sampled distribution `[b]`).
+
+  top_k: traced int32 in `[1, top_k_bucket]`, used when `top_k_bucket > 0` (static; 0 = no
+  top-k): the candidates are `lax.top_k(x, top_k_bucket)` with ranks >= top_k masked out.
+  """
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[0])
   x = logits / temperature
   idx = None
-  if top_k > 0:
-    x, idx = jax.lax.top_k(x, top_k)
+  if top_k_bucket > 0:
+    x, idx = jax.lax.top_k(x, top_k_bucket)  # sorted, ties by index: its first k = top_k(x, k)
+    x = jnp.where(jnp.arange(top_k_bucket)[None] < top_k, x, -jnp.inf)
   if use_top_p:
     if idx is None:
       idx = jnp.argsort(-x, axis=-1)
@@ -83,10 +113,27 @@ def _choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: ja
     # Keep a token when the mass before it is below top_p: the smallest set reaching top_p.
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     x = jnp.where(keep, x, -jnp.inf)
-  choice = jax.random.categorical(key, x, axis=-1)
+  if top_k_bucket > 0:
+    choice = _categorical_first_k(key, x, top_k)
+  else:
+    choice = jax.random.categorical(key, x, axis=-1)
   logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), choice[:, None], axis=-1)[:, 0]
   token = choice if idx is None else jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
   return token.astype(jnp.int32), logp
+
+
+def decode_windows(prompt_len: int, new_bucket: int) -> tuple[int, ...]:
+  """Ends (in new tokens) of the decode segments; segment i's cache holds
+  `prompt_len + ends[i]` slots, so each step attends over at most that, not the whole budget.
+
+  Each window at least doubles the previous one (in total cache length), so a step reads at
+  most ~2x the filled cache while a budget compiles O(log) loop bodies: e.g. prompt 32 with
+  512 new tokens -> (16, 64, 256, 512), windows 48, 96, 288, 544 slots.
+  """
+  ends = [min(new_bucket, _MIN_NEW_BUCKET)]
+  while ends[-1] < new_bucket:
+    ends.append(min(new_bucket, _pow2_at_least(prompt_len + 2 * ends[-1])))
+  return tuple(ends)
 
 
 def _stop_sequence_hit(out: jax.Array, t: jax.Array, stop_seqs: jax.Array) -> jax.Array:
@@ -102,14 +149,19 @@ def _stop_sequence_hit(out: jax.Array, t: jax.Array, stop_seqs: jax.Array) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "new_bucket", "greedy",
-                                             "top_k", "use_top_p", "pad_id"))
+                                             "top_k_bucket", "use_top_p", "pad_id"))
 def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, prompt_lens,
-              stop_ids, stop_seqs, key, temperature, top_p, max_new, *, num_samples,
-              new_bucket, greedy, top_k, use_top_p, pad_id):
-  """Prefill `prompts [rows, P]`, then decode up to `max_new` (<= new_bucket) tokens each."""
+              stop_ids, stop_seqs, key, temperature, top_p, top_k, max_new, *, num_samples,
+              new_bucket, greedy, top_k_bucket, use_top_p, pad_id):
+  """Prefill `prompts [rows, P]`, then decode up to `max_new` (<= new_bucket) tokens each.
+
+  `params` is a traced argument (never a closed-over constant): new parameter values of the
+  same shapes and shardings reuse the compiled program, as RL rollouts need every step.
+  """
   model = nnx.merge(graphdef, params)
   rows, prompt_len = prompts.shape
-  cache = kv_lib.init_cache(model.config, rows, prompt_len + new_bucket)
+  windows = decode_windows(prompt_len, new_bucket)
+  cache = kv_lib.init_cache(model.config, rows, prompt_len + windows[0])
   hidden, cache = model.decode(prompts, positions, valid, cache)
   last = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)  # [rows, 1, d]
   logits = model.logits(last)[:, 0]
@@ -117,8 +169,8 @@ def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, 
   logits = jnp.repeat(logits, num_samples, axis=0)
   pos = jnp.repeat(prompt_lens, num_samples, axis=0)
   batch = rows * num_samples
-  choose = functools.partial(_choose, temperature=temperature, top_p=top_p, greedy=greedy,
-                             top_k=top_k, use_top_p=use_top_p)
+  choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k,
+                             greedy=greedy, top_k_bucket=top_k_bucket, use_top_p=use_top_p)
 
   def emit(t, logits, key, out, lps, slps, done, lengths):
     token, slp = choose(logits, key)
@@ -140,10 +192,6 @@ def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, 
       0, logits, keys[0], out, zeros, zeros, jnp.zeros((batch,), jnp.bool_),
       jnp.zeros((batch,), jnp.int32))
 
-  def cond(state):
-    t, done = state[0], state[6]
-    return (t < max_new) & ~jnp.all(done)
-
   def body(state):
     t, token, pos, cache, out, lps, done, lengths, slps = state
     hidden, cache = model.decode(token[:, None], pos[:, None], jnp.ones((batch, 1), jnp.bool_),
@@ -154,7 +202,16 @@ def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, 
     return t + 1, token, pos + 1, cache, out, lps, done, lengths, slps
 
   state = (jnp.int32(1), token, pos, cache, out, lps, done, lengths, slps)
-  _, _, _, _, out, lps, done, lengths, slps = jax.lax.while_loop(cond, body, state)
+  for end in windows:
+    # Step t writes slot <= prompt_len + t - 1 < prompt_len + end: the window holds every
+    # slot this segment fills, and attention (whose cost is the cache length) reads no more.
+    state = state[:3] + (kv_lib.grow(state[3], prompt_len + end),) + state[4:]
+
+    def cond(state, end=end):
+      t, done = state[0], state[6]
+      return (t < jnp.minimum(max_new, end)) & ~jnp.all(done)
+    state = jax.lax.while_loop(cond, body, state)
+  _, _, _, _, out, lps, done, lengths, slps = state
   return out, lps, slps, lengths, done
 
 
@@ -180,7 +237,9 @@ class Sampler:
     if pad_side not in PAD_SIDES:
       raise ConfigError(f"pad_side={pad_side!r}: use one of {PAD_SIDES}")
     from llmjax.model.reward import refuse_generation
-    refuse_generation(nnx.merge(graphdef, params).config)  # merge: a view, no copy
+    config = nnx.merge(graphdef, params).config  # merge: a view, no copy
+    refuse_generation(config)
+    self.vocab_size = config.vocab_size
     self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
     if eos_ids is None:
       eos = getattr(tokenizer, "eos_id", -1) if tokenizer is not None else -1
@@ -197,7 +256,7 @@ class Sampler:
   def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-             seed: int = 0) -> SampleOutput:
+             seed: int = 0, params: Any = None) -> SampleOutput:
     """Completes every prompt `num_samples` times.
 
     Args:
@@ -207,7 +266,11 @@ class Sampler:
       stop_ids: extra stop token ids besides `eos_ids`.
       stop_strings: stop once the decoded completion contains one (needs a tokenizer).
       seed: the same seed and inputs give the same samples.
+      params: parameters to sample from instead of the constructor's (same tree structure,
+        shapes, dtypes and shardings: then no recompilation), e.g. the current policy of an
+        RL step.
     """
+    params = self.params if params is None else params
     self._check(prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_strings)
     n = len(prompts)
     per_call = max(1, self.max_batch // num_samples)
@@ -215,17 +278,21 @@ class Sampler:
     seqs = self._stop_sequences(stop_strings)
     new_bucket = _pow2_at_least(max_new_tokens, _MIN_NEW_BUCKET)
     greedy = temperature <= 0
+    # top_k is traced; only its bucket (the static width of the candidate set) is compiled in.
+    vocab = self.vocab_size
+    k_bucket = 0 if greedy or top_k == 0 else _top_k_bucket(top_k, vocab)
     outs = []
     key = jax.random.key(seed)
     for start in range(0, n, per_call):
       chunk = [list(p) for p in prompts[start:start + per_call]]
       arrays = self._layout(chunk, per_call)
       res = _generate(
-          self.graphdef, self.params, *arrays, jnp.asarray(stop), jnp.asarray(seqs),
+          self.graphdef, params, *arrays, jnp.asarray(stop), jnp.asarray(seqs),
           jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
-          jnp.float32(top_p), jnp.int32(max_new_tokens), num_samples=num_samples,
-          new_bucket=new_bucket, greedy=greedy, top_k=0 if greedy else int(top_k),
-          use_top_p=not greedy and top_p < 1.0, pad_id=self.pad_id)
+          jnp.float32(top_p), jnp.int32(min(top_k, vocab) if k_bucket else 0),
+          jnp.int32(max_new_tokens), num_samples=num_samples, new_bucket=new_bucket,
+          greedy=greedy, top_k_bucket=k_bucket, use_top_p=not greedy and top_p < 1.0,
+          pad_id=self.pad_id)
       res = jax.device_get(res)
       keep = len(chunk) * num_samples
       outs.append([np.asarray(r)[:keep].reshape((len(chunk), num_samples) + r.shape[1:])
@@ -324,3 +391,59 @@ class Sampler:
       if s and s in text:
         text = text[:text.index(s)]
     return text
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_logprobs(graphdef, params, tokens, positions, segment_ids):
+  """`[rows, width - 1]` float32: log p(tokens[:, i + 1] | tokens[:, :i + 1]) by the training
+  forward pass (packed-row signature: positions and segment ids, 0 = padding)."""
+  logits = nnx.merge(graphdef, params)(tokens, positions, segment_ids)[:, :-1]
+  targets = tokens[:, 1:, None]
+  picked = jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def forward_logprobs(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int]],
+                     out: SampleOutput, *, batch_size: int = 64) -> np.ndarray:
+  """The generated tokens' log-probs recomputed by the training forward pass.
+
+  Each (prompt, sample) row is prompt + completion (right-padded to a power-of-two width, so
+  a workload compiles a few shapes), run through `model(tokens, positions, segment_ids)` in
+  chunks of `batch_size` rows. Returns `[n, s, max_new_tokens]` float32 like `out.logprobs`
+  (0 past each row's length).
+  """
+  n, s, new = out.tokens.shape
+  rows = [(i, j) for i in range(n) for j in range(s)]
+  width = _pow2_at_least(max(len(prompts[i]) + int(out.lengths[i, j]) for i, j in rows), 16)
+  result = np.zeros((n, s, new), np.float32)
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    tokens = np.zeros((batch_size, width), np.int32)
+    positions = np.zeros((batch_size, width), np.int32)
+    segments = np.zeros((batch_size, width), np.int32)
+    for r, (i, j) in enumerate(chunk):
+      seq = list(prompts[i]) + out.completion(i, j)
+      tokens[r, :len(seq)], positions[r, :len(seq)], segments[r, :len(seq)] = (
+          seq, np.arange(len(seq)), 1)
+    logp = np.asarray(_token_logprobs(graphdef, params, jnp.asarray(tokens),
+                                      jnp.asarray(positions), jnp.asarray(segments)))
+    for r, (i, j) in enumerate(chunk):
+      first, length = len(prompts[i]) - 1, int(out.lengths[i, j])  # predicts completion[0]
+      result[i, j, :length] = logp[r, first:first + length]
+  return result
+
+
+def logprob_gap(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequence[int]],
+                out: SampleOutput, *, batch_size: int = 64) -> float:
+  """max |sampler logprob - training-forward logprob| over every generated token.
+
+  The sampler (KV cache, windowed decode) and the training forward pass (full causal
+  attention) compute the same distribution in a different order; RL's importance ratios
+  assume they agree. Float32 on the tiny model: ~1e-6; bf16 or a sharded model shows how far
+  off-policy the rollouts really are. 0.0 when nothing was generated.
+  """
+  recomputed = forward_logprobs(graphdef, params, prompts, out, batch_size=batch_size)
+  generated = np.arange(out.tokens.shape[2]) < out.lengths[..., None]
+  if not generated.any():
+    return 0.0
+  return float(np.abs(out.logprobs - recomputed)[generated].max())
