@@ -267,6 +267,11 @@ class BatchSource:
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore; nothing to prefetch here."""
 
+  def metrics(self) -> dict[str, float]:
+    """Host-side metrics of the batches made since the last call (e.g. rollout rewards and
+    seconds), logged with the step's own."""
+    return {}
+
 
 def _place_role(role: roles_lib.Role, mesh: Mesh, rules: mesh_lib.Rules):
   """(graphdef, trainable state, frozen state, and their shardings) of one role, built by
@@ -437,6 +442,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           m["tokens_per_sec"] = tps
           if peak:
             m["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+        if param_driven:
+          m.update(data_iter.metrics())
         writer.write(step, m)
         timer_start, timer_step = time.time(), step
       if step % train_cfg.eval_every == 0 or last:
