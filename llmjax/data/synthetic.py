@@ -1,8 +1,10 @@
 """A small deterministic synthetic world: people with attributes, and small-integer arithmetic.
 
 The default experiment pretrains on templated documents about this world, and the later
-stages reuse the same facts: `qa_pairs` (SFT), `preference_pairs` (DPO-style preferences)
-and `arithmetic_problems` + `check_answer` (GRPO with a verifiable reward).
+stages reuse the same facts: `qa_pairs` (SFT), `preference_pairs` (DPO-style preferences),
+`arithmetic_problems` + `check_answer` (GRPO with a verifiable reward) and
+`reasoning_problems` (multi-step word problems about the people, with worked solutions ending
+in `#### N`: SFT teaches the format, RL stages reward the answer).
 
 Everything is drawn from `numpy.random.Generator`s seeded with integer lists, so the output
 is identical on every machine and Python version (no `hash()`, no set iteration order).
