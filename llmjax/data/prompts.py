@@ -164,8 +164,8 @@ def _gsm8k_item(record: dict[str, Any], where: str) -> tuple[Item, str]:
                       f"(the answer ending in '#### N'); '{key}' is "
                       f"{'missing' if key not in record else type(record[key]).__name__}")
   question = record["question"]
-  return {"messages": [{"role": "user", "content": question}], "question": question}, \
-      record["answer"]
+  item = {"messages": [{"role": "user", "content": question}], "question": question}
+  return item, record["answer"]
 
 
 def _generic_item(record: dict[str, Any], where: str) -> tuple[Item, str | float]:
