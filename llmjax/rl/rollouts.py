@@ -16,6 +16,7 @@ policy's per-token log-probs of the targets; used when num_iterations > 1).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import inspect
 import io
@@ -56,6 +57,11 @@ class Reward:
   def resolve(cls, name: str, weight: float = 1.0) -> "Reward":
     return cls(name, rewards_lib.resolve_reward(name), weight)
 
+  @property
+  def label(self) -> str:
+    """The name in metrics: a `module.function` path's function name."""
+    return self.name.rsplit(".", 1)[-1]
+
   def __call__(self, **available: Any) -> float:
     params = inspect.signature(self.fn).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -73,11 +79,11 @@ def score(rewards: Sequence[Reward], texts: list[list[str]], lengths: np.ndarray
   """Each reward's values `[prompts, G]` for every completion, and their weighted `total`."""
   out = {}
   for r in rewards:
-    out[r.name] = np.asarray(
+    out[r.label] = np.asarray(
         [[r(completion=texts[i][j], reference=it["answer"], prompt=it.get("question", ""),
             num_tokens=int(lengths[i, j]), max_tokens=max_tokens)
           for j in range(len(texts[i]))] for i, it in enumerate(items)], np.float32)
-  out["total"] = sum(r.weight * out[r.name] for r in rewards)
+  out["total"] = sum(r.weight * out[r.label] for r in rewards)
   return out
 
 
@@ -171,10 +177,11 @@ class RolloutSource(loop.BatchSource):
     arrays = {f"batch/{k}": v for k, v in (self.batch or {}).items()}
     np.savez(buf, prompts=np.frombuffer(self.prompts.get_state(), np.uint8),
              counters=np.asarray([self.rollouts, self.uses], np.int64), **arrays)
-    return buf.getvalue()
+    # Text: grain's checkpoint handler stores a source's state as a UTF-8 string.
+    return base64.b64encode(buf.getvalue())
 
   def set_state(self, state: bytes) -> None:
-    with np.load(io.BytesIO(state)) as saved:
+    with np.load(io.BytesIO(base64.b64decode(state))) as saved:
       self.prompts.set_state(saved["prompts"].tobytes())
       self.rollouts, self.uses = (int(x) for x in saved["counters"])
       batch = {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith("batch/")}
@@ -227,7 +234,7 @@ class RolloutSource(loop.BatchSource):
          "rollout_seconds": sample_seconds,
          "rollout_tokens_per_sec": float(lengths.sum() / max(sample_seconds, 1e-9))}
     for r in self.rewards:
-      m[f"rewards/{r.name}/mean"] = float(scores[r.name].mean())
-      m[f"rewards/{r.name}/std"] = float(scores[r.name].std())
+      m[f"rewards/{r.label}/mean"] = float(scores[r.label].mean())
+      m[f"rewards/{r.label}/std"] = float(scores[r.label].std())
     for k, v in m.items():
       self._pending.setdefault(k, []).append(v)

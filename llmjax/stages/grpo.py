@@ -194,16 +194,14 @@ class GRPO:
     if ctx.tokenizer is None and start is not None and not self.tokenizer.path:
       raise ConfigError("grpo starts from parameters without a tokenizer: set "
                         "TokenizerConfig.path to the tokenizer the model was trained with")
-    train_items, eval_items, source_stats = prompts_lib.load_prompts(self.data)
-    tokenizer = ctx.ensure_tokenizer(self.tokenizer, [it["question"] for it in train_items],
-                                     self.model)
     template = self.chat_template
-    stop_ids = chat.stop_token_ids(tokenizer, template)
-    train_ex, train_stats = prompts_lib.tokenize_prompts(train_items, tokenizer, template,
-                                                         self.data)
-    eval_ex, eval_stats = prompts_lib.tokenize_prompts(eval_items, tokenizer, template,
-                                                       self.data)
-    counts = {**source_stats, **train_stats.as_dict("train_"), **eval_stats.as_dict("eval_")}
+    if ctx.tokenizer is None:  # a first stage: train the tokenizer on the prompts
+      items = prompts_lib.load_prompts(self.data)[0]
+      ctx.ensure_tokenizer(self.tokenizer, [it["question"] for it in items], self.model)
+    tokenizer = ctx.ensure_tokenizer(self.tokenizer, [], self.model)
+    stop_ids = chat.stop_token_ids(tokenizer, template)  # ConfigError without the template's
+    train_ex, eval_ex, stats = prompts_lib.prompt_data(self.data, tokenizer, template)
+    counts = stats.as_dict()
     roles: dict[str, roles_lib.Role] = {}
     if cfg.beta > 0:
       ref = (ctx.resolve(self.reference_from, f"{self.name}.reference_from")

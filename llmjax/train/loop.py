@@ -249,7 +249,8 @@ class PolicyView:
 class BatchSource:
   """Batches that depend on the current parameters (RL rollouts), with checkpointed state.
 
-  The loop calls `next_batch(view)` before every step. `get_state`/`set_state` (bytes) are
+  The loop calls `next_batch(view)` before every step. `get_state`/`set_state` (bytes of
+  UTF-8 text, e.g. JSON or base64: grain's checkpoint handler stores them as a string) are
   saved with each checkpoint and restored on resume, as the grain iterator's position is,
   so a run whose batches are sampled from the policy resumes exactly like pretraining.
   Derive randomness from the state (e.g. `fold_in(key(seed), step)`), not from a global RNG.
