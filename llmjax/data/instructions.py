@@ -4,7 +4,10 @@ Sources give conversations (lists of `{role, content}`):
   * JSONL, one example per line, either Alpaca form `{"instruction", "input"?, "output"}` or
     chat form `{"messages": [{"role", "content"}, ...]}` (multi-turn, optional system first);
   * 'builtin': questions about the synthetic world's people and arithmetic
-    (`synthetic.qa_pairs`), some as two-turn conversations, some with a system prompt.
+    (`synthetic.qa_pairs`), some as two-turn conversations, some with a system prompt;
+    optionally mixed with multi-step word problems answered by a worked solution ending in
+    `#### N` (`synthetic.reasoning_problems`, `SFTDataConfig.builtin_reasoning`), which
+    teaches the answer format an RL stage then rewards.
 
 Examples are tokenized up front with a chat template (`llmjax.data.chat`), so every truncated
 or dropped example is counted before training starts. They are then packed whole (first-fit,
@@ -48,6 +51,9 @@ class SFTDataConfig:
       'drop'. Truncated and dropped examples are counted and logged.
     skip_bad_lines: count and skip malformed JSONL lines instead of failing.
     builtin_train, builtin_eval: sizes of the built-in instruction sets.
+    builtin_reasoning: how many word-problem conversations (question -> worked solution
+      ending in `#### N`) the 'builtin' format adds to its training set; the eval set is
+      unchanged. 0 (the default) adds none.
     eval_examples: held-out examples when there are no eval_paths (jsonl).
     eval_batches: packed batches per loss evaluation.
     seed: shuffling seed. num_epochs: None repeats forever.
@@ -61,6 +67,7 @@ class SFTDataConfig:
   skip_bad_lines: bool = False
   builtin_train: int = 2000
   builtin_eval: int = 300
+  builtin_reasoning: int = 0
   eval_examples: int = 200
   eval_batches: int = 4
   seed: int = 0
@@ -71,6 +78,13 @@ class SFTDataConfig:
       object.__setattr__(self, name, as_paths(getattr(self, name)))
     if self.format not in FORMATS:
       raise ConfigError(f"SFTDataConfig.format={self.format!r}: use one of {FORMATS}")
+    if self.builtin_reasoning < 0:
+      raise ConfigError(f"SFTDataConfig.builtin_reasoning={self.builtin_reasoning}: use 0 "
+                        "(no word problems) or a positive count")
+    if self.builtin_reasoning and self.format != "builtin":
+      raise ConfigError(f"SFTDataConfig.builtin_reasoning={self.builtin_reasoning} only "
+                        f"applies to format='builtin' (format is {self.format!r}): set it "
+                        "to 0, or add the problems to your JSONL")
     if self.overlong not in OVERLONG_RULES:
       raise ConfigError(f"SFTDataConfig.overlong={self.overlong!r}: use one of "
                         f"{OVERLONG_RULES}")
@@ -153,11 +167,23 @@ def builtin_conversations(split: str, num: int, seed: int = 0) -> list[list[dict
   return out
 
 
+def reasoning_conversations(split: str, num: int | None = None,
+                            seed: int = 0) -> list[list[dict[str, str]]]:
+  """Word problems (`synthetic.reasoning_problems`) as single-turn conversations: the user
+  asks the question, the assistant replies with the worked solution ending in `#### N`."""
+  return [[{"role": "user", "content": p["question"]},
+           {"role": "assistant", "content": p["solution"]}]
+          for p in synthetic.reasoning_problems(split, num, seed)]
+
+
 def conversations(cfg: SFTDataConfig) -> tuple[list, list, int]:
   """(train, eval, skipped lines) conversations for `cfg`."""
   if cfg.format == "builtin":
-    return (builtin_conversations("train", cfg.builtin_train, cfg.seed),
-            builtin_conversations("eval", cfg.builtin_eval), 0)
+    train = builtin_conversations("train", cfg.builtin_train, cfg.seed)
+    if cfg.builtin_reasoning:
+      # Appended, not interleaved: the training stream shuffles every epoch anyway.
+      train += reasoning_conversations("train", cfg.builtin_reasoning, cfg.seed)
+    return train, builtin_conversations("eval", cfg.builtin_eval), 0
   train, skipped = read_jsonl(list(cfg.train_paths), cfg.skip_bad_lines)
   if cfg.eval_paths:
     evals, more = read_jsonl(list(cfg.eval_paths), cfg.skip_bad_lines)

@@ -1,8 +1,10 @@
 """A small deterministic synthetic world: people with attributes, and small-integer arithmetic.
 
 The default experiment pretrains on templated documents about this world, and the later
-stages reuse the same facts: `qa_pairs` (SFT), `preference_pairs` (DPO-style preferences)
-and `arithmetic_problems` + `check_answer` (GRPO with a verifiable reward).
+stages reuse the same facts: `qa_pairs` (SFT), `preference_pairs` (DPO-style preferences),
+`arithmetic_problems` + `check_answer` (GRPO with a verifiable reward) and
+`reasoning_problems` (multi-step word problems about the people, with worked solutions ending
+in `#### N`: SFT teaches the format, RL stages reward the answer).
 
 Everything is drawn from `numpy.random.Generator`s seeded with integer lists, so the output
 is identical on every machine and Python version (no `hash()`, no set iteration order).
@@ -331,3 +333,146 @@ def check_answer(problem_answer: int, completion: str) -> bool:
       return _parse_int(match.group()) == problem_answer
   numbers = _NUMBER.findall(completion)
   return bool(numbers) and _parse_int(numbers[-1]) == problem_answer
+
+
+# ---- Multi-step word problems (SFT format teaching, then GRPO) ----
+
+# Each structure is a chain of operations on the running total: (op of step 1, op of step 2,
+# ...); `a` starts the chain and b, c, d are the later operands. Templates name the operands
+# in that order. 'eval' keeps every train structure but adds phrasings train never uses, and
+# asks with operand combinations held out of train for every template, so no eval question
+# text can occur in train whatever `num` is.
+_REASONING_STRUCTURES = {
+    "add_sub": ("+", "-"), "sub_add": ("-", "+"), "add_add": ("+", "+"),
+    "sub_sub": ("-", "-"), "mul_add": ("*", "+"), "mul_sub": ("*", "-"),
+    "add_sub_add": ("+", "-", "+"),
+}
+_REASONING_TEMPLATES = {
+    "train": {
+        "add_sub": ("{name} has {a} {item}. {name} gets {b} more and gives {c} away. How many "
+                    "{item} does {name} have?",
+                    "{name} had {a} {item}, bought {b} more, then lost {c}. How many {item} "
+                    "does {name} have now?"),
+        "sub_add": ("{name} has {a} {item}. {name} gives {b} away and then finds {c} more. "
+                    "How many {item} does {name} have?",
+                    "There are {a} {item} at {name}'s home. {b} are sold and {c} new ones "
+                    "arrive. How many {item} are there now?"),
+        "add_add": ("{name} has {a} {item}, gets {b} more on Monday and {c} more on Tuesday. "
+                    "How many {item} does {name} have?",
+                    "{name} buys {a} {item}, then {b} more, then {c} more. How many {item} "
+                    "did {name} buy?"),
+        "sub_sub": ("{name} has {a} {item}, sells {b} and gives {c} to a friend. How many "
+                    "{item} does {name} have left?",),
+        "mul_add": ("{name} buys {a} boxes with {b} {item} in each and finds {c} more. How "
+                    "many {item} does {name} have?",),
+        "mul_sub": ("{name} has {a} bags of {b} {item} and gives {c} away. How many {item} "
+                    "does {name} have left?",),
+        "add_sub_add": ("{name} has {a} {item}. {name} gets {b} more, gives {c} away and then "
+                        "buys {d}. How many {item} does {name} have?",),
+    },
+    "eval": {
+        "add_sub": ("{name} starts with {a} {item}, receives {b} more as a gift and then sells "
+                    "{c}. How many {item} are left?",),
+        "sub_add": ("{name} owned {a} {item}, lost {b} of them and later got {c} more. How "
+                    "many {item} does {name} own now?",),
+        "add_add": ("On three days {name} collects {a}, {b} and {c} {item}. How many {item} is "
+                    "that in total?",),
+        "mul_add": ("{name} fills {a} bags with {b} {item} each and keeps {c} more aside. How "
+                    "many {item} does {name} have altogether?",),
+        "add_sub_add": ("{name} begins with {a} {item}, is given {b}, loses {c} and later "
+                        "finds {d}. How many {item} does {name} end with?",),
+    },
+}
+REASONING_ITEMS = ("cats", "dogs", "owls", "rabbits", "parrots", "hamsters", "turtles",
+                   "apples", "books", "coins", "stamps", "pencils")
+MAX_REASONING_NUMBER = 19  # every operand, intermediate and answer is in [0, 19]
+_DEFAULT_REASONING = {"train": 2000, "eval": 300}
+_EVAL_REASONING_FRACTION = 0.2
+
+
+@functools.lru_cache(maxsize=1)
+def _reasoning_combos() -> dict[str, tuple[tuple[tuple[int, ...], ...], ...]]:
+  """Per structure, (train, eval) operand tuples: all whose every step stays in
+  [0, MAX_REASONING_NUMBER] ([0, 9] for three steps), a fixed fifth held out for eval."""
+  out = {}
+  for k, (name, ops) in enumerate(_REASONING_STRUCTURES.items()):
+    # Three steps of two-digit numbers would take ~40 tokens of solution: single digits.
+    top = MAX_REASONING_NUMBER if len(ops) < 3 else 9
+    # Later operands are single digits (short solutions); a product's factors are 2-5.
+    first = range(2, 6) if ops[0] == "*" else range(1, top + 1)
+    later = [range(2, 6) if (i == 0 and ops[0] == "*") else range(1, 10)
+             for i in range(len(ops))]
+    combos = []
+    for a in first:
+      for rest in np.ndindex(*[len(r) for r in later]):
+        operands = (a,) + tuple(later[i][j] for i, j in enumerate(rest))
+        if all(0 <= s[3] <= top for s in _chain(operands, ops)):
+          combos.append(operands)
+    rng = np.random.default_rng([WORLD_SEED, 2000, k])
+    held = set(rng.permutation(len(combos))[:int(len(combos) * _EVAL_REASONING_FRACTION)]
+               .tolist())
+    out[name] = (tuple(c for i, c in enumerate(combos) if i not in held),
+                 tuple(c for i, c in enumerate(combos) if i in held))
+  return out
+
+
+def _chain(operands: tuple[int, ...], ops: tuple[str, ...]) -> list[tuple[int, str, int, int]]:
+  """The steps (left, op, right, result) of applying `ops` left to right."""
+  steps, total = [], operands[0]
+  for op, b in zip(ops, operands[1:]):
+    result = _apply(total, op, b)
+    steps.append((total, op, b, result))
+    total = result
+  return steps
+
+
+def reasoning_solution(steps: list[tuple[int, str, int, int]]) -> str:
+  """The worked solution of `steps`: one `a op b = c.` per step, then `#### answer`."""
+  work = " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps)
+  return f"{work}\n#### {steps[-1][3]}"
+
+
+def reasoning_problems(split: str, num: int | None = None, seed: int = 0) -> list[dict]:
+  """Two- and three-step arithmetic word problems about the world's people.
+
+  Dicts with 'question' ("Alice has 3 cats. Alice gets 4 more and gives 2 away. How many
+  cats does Alice have?"), integer 'answer', 'solution' ("3 + 4 = 7. 7 - 2 = 5.\\n#### 5"),
+  'steps' (the (left, op, right, result) tuples the solution states), 'structure' and
+  'held_out_template' (True for an eval-only phrasing). Every number is in [0, 19] (in
+  [0, 9] for three-step problems), so a solution is under 40 tokens even at 512 pieces.
+  'train' (2000 by default) uses the train phrasings and operand combinations; 'eval' (300)
+  asks half its questions with eval-only phrasings and all with held-out combinations, so no
+  eval question occurs in train. Questions within a split are distinct.
+  """
+  _check_split(split)
+  num = _DEFAULT_REASONING[split] if num is None else num
+  if num < 0:
+    raise ConfigError(f"reasoning_problems num must be non-negative, got {num}")
+  combos = _reasoning_combos()
+  side = _SPLIT_IDS[split]
+  names = [p.name for p in build_world().people]
+  own = [(s, t, split == "eval") for s, ts in _REASONING_TEMPLATES[split].items() for t in ts]
+  shared = ([(s, t, False) for s, ts in _REASONING_TEMPLATES["train"].items() for t in ts]
+            if split == "eval" else [])
+  rng = _rng(split, seed, purpose=5)
+  out, seen = [], set()
+  attempts = 0
+  while len(out) < num:
+    attempts += 1
+    if attempts > 20 * num + 1000:  # the candidate space is ~10^6 per split
+      raise ConfigError(f"reasoning_problems({split!r}) could not draw {num} distinct "
+                        "questions: lower num")
+    # 'eval' draws half its questions from eval-only phrasings, half from train phrasings.
+    pool = shared if shared and rng.random() < 0.5 else own
+    structure, template, held_out = pool[int(rng.integers(len(pool)))]
+    operands = _pick(rng, combos[structure][side])
+    steps = _chain(operands, _REASONING_STRUCTURES[structure])
+    question = template.format(name=_pick(rng, names), item=_pick(rng, REASONING_ITEMS),
+                               **dict(zip("abcd", operands)))
+    if question in seen:
+      continue
+    seen.add(question)
+    out.append({"question": question, "answer": steps[-1][3],
+                "solution": reasoning_solution(steps), "steps": steps,
+                "structure": structure, "held_out_template": held_out})
+  return out

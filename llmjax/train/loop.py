@@ -249,7 +249,8 @@ class PolicyView:
 class BatchSource:
   """Batches that depend on the current parameters (RL rollouts), with checkpointed state.
 
-  The loop calls `next_batch(view)` before every step. `get_state`/`set_state` (bytes) are
+  The loop calls `next_batch(view)` before every step. `get_state`/`set_state` (bytes of
+  UTF-8 text, e.g. JSON or base64: grain's checkpoint handler stores them as a string) are
   saved with each checkpoint and restored on resume, as the grain iterator's position is,
   so a run whose batches are sampled from the policy resumes exactly like pretraining.
   Derive randomness from the state (e.g. `fold_in(key(seed), step)`), not from a global RNG.
@@ -266,6 +267,11 @@ class BatchSource:
 
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore; nothing to prefetch here."""
+
+  def metrics(self) -> dict[str, float]:
+    """Host-side metrics of the batches made since the last call (e.g. rollout rewards and
+    seconds), logged with the step's own."""
+    return {}
 
 
 def _place_role(role: roles_lib.Role, mesh: Mesh, rules: mesh_lib.Rules):
@@ -437,6 +443,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           m["tokens_per_sec"] = tps
           if peak:
             m["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+        if param_driven:
+          m.update(data_iter.metrics())
         writer.write(step, m)
         timer_start, timer_step = time.time(), step
       if step % train_cfg.eval_every == 0 or last:

@@ -168,3 +168,76 @@ def test_check_answer_negative_and_glued():
 def test_bad_split():
   with pytest.raises(ConfigError, match="'train' or 'eval'"):
     synthetic.pretraining_documents("test")
+
+
+# ---- Multi-step word problems ----
+
+def test_reasoning_problems_deterministic_and_sized():
+  synthetic._reasoning_combos.cache_clear()
+  first = synthetic.reasoning_problems("train")
+  synthetic._reasoning_combos.cache_clear()
+  assert synthetic.reasoning_problems("train") == first
+  assert len(first) == 2000 and len(synthetic.reasoning_problems("eval")) == 300
+  assert synthetic.reasoning_problems("train", 5) == first[:5]
+  assert synthetic.reasoning_problems("train", 50, seed=1) != first[:50]
+  assert len({p["question"] for p in first}) == len(first)
+  # Pins the generator: a change here silently changes every RL experiment's data.
+  assert synthetic.reasoning_problems("train", 1) == [{
+      "question": "Grace has 5 bags of 3 owls and gives 4 away. How many owls does Grace "
+                  "have left?",
+      "answer": 11, "solution": "5 * 3 = 15. 15 - 4 = 11.\n#### 11",
+      "steps": [(5, "*", 3, 15), (15, "-", 4, 11)], "structure": "mul_sub",
+      "held_out_template": False}]
+
+
+def test_reasoning_answers_follow_from_the_question_numbers():
+  for split in ("train", "eval"):
+    for p in synthetic.reasoning_problems(split):
+      steps = p["steps"]
+      assert 2 <= len(steps) <= 3
+      for (a, op, b, c), nxt in zip(steps, steps[1:] + [None]):
+        assert c == eval(f"{a}{op}{b}")  # pylint: disable=eval-used
+        assert 0 <= min(a, b, c) and max(a, b, c) < 20
+        if nxt is not None:
+          assert nxt[0] == c  # each step continues from the last result
+      assert p["answer"] == steps[-1][3]
+      # The question states exactly the operands, in order.
+      operands = [steps[0][0]] + [s[2] for s in steps]
+      assert [int(n) for n in re.findall(r"\d+", p["question"])] == operands
+      work, final = p["solution"].split("\n")
+      assert final == f"#### {p['answer']}"
+      assert work == " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps)
+      assert synthetic.check_answer(p["answer"], p["solution"])
+
+
+def test_reasoning_eval_is_held_out():
+  train = synthetic.reasoning_problems("train", 5000)
+  evals = synthetic.reasoning_problems("eval")
+  assert not {p["question"] for p in train} & {p["question"] for p in evals}
+  assert not any(p["held_out_template"] for p in train)
+  held = [p for p in evals if p["held_out_template"]]
+  assert 0.3 < len(held) / len(evals) < 0.7
+  # A held-out phrasing's fixed words (numbers, names and items masked) never occur in train.
+  def shape(p):
+    text = re.sub(r"\d+", "N", p["question"])
+    for name in synthetic.NAMES:
+      text = text.replace(name, "X")
+    for item in synthetic.REASONING_ITEMS:
+      text = text.replace(item, "I")
+    return text
+  train_shapes = {shape(p) for p in train}
+  assert not {shape(p) for p in held} & train_shapes
+  assert {shape(p) for p in evals if not p["held_out_template"]} <= train_shapes
+  # Operand combinations are held out per structure.
+  combos = lambda ps: {(p["structure"], p["steps"][0][0]) + tuple(s[2] for s in p["steps"])
+                       for p in ps}
+  assert not combos(train) & combos(evals)
+
+
+def test_reasoning_solutions_are_short(tokenizer):
+  problems = synthetic.reasoning_problems("train") + synthetic.reasoning_problems("eval")
+  solution = max(len(tokenizer.encode(p["solution"])) for p in problems)
+  question = max(len(tokenizer.encode(p["question"])) for p in problems)
+  assert solution < 40 and question < 80, (solution, question)
+  with pytest.raises(ConfigError, match="non-negative"):
+    synthetic.reasoning_problems("train", -1)

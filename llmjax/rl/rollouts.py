@@ -1,0 +1,240 @@
+"""Rollouts for RL stages: prompts -> G completions each from the current policy -> rewards
+-> advantages -> one training batch.
+
+`RolloutSource` is a `loop.BatchSource`: before every optimizer step the loop hands it the
+policy's current parameters (`PolicyView`); every `num_iterations` steps it samples a fresh
+group of completions from them (the same batch is reused for the steps in between, with the
+log-probs of the policy that sampled it kept as `old_logps`). Its state (the prompt
+iterator's position, the rollout counter and a batch still in use) is saved with every
+checkpoint, so a resumed run samples exactly what the straight run sampled.
+
+Batch layout (numpy, `[rows, seq]` unless noted; rows = prompts x G, prompt-major): `tokens`,
+`targets`, `positions`, `segment_ids` (1 on the sequence, 0 on padding), `loss_mask` (1 where
+the target is a completion token), `advantages` `[rows]`, and `old_logps` (the sampling
+policy's per-token log-probs of the targets; used when num_iterations > 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import inspect
+import io
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmjax.errors import ConfigError, LlmjaxError
+from llmjax.rl import advantages as adv_lib
+from llmjax.rl import rewards as rewards_lib
+from llmjax.train import loop
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "advantages",
+              "old_logps")
+
+
+class RewardError(LlmjaxError):
+  """A reward function raised: the run stops naming it and the prompt (never a silent 0)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+  """A named reward function with its weight in the total reward.
+
+  The function receives, by keyword, whichever of these it declares: `completion` (text),
+  `reference` (the answer), `prompt` (the question text), `num_tokens` (completion length)
+  and `max_tokens` (the generation budget); it returns a float.
+  """
+  name: str
+  fn: Callable[..., float]
+  weight: float = 1.0
+
+  @classmethod
+  def resolve(cls, name: str, weight: float = 1.0) -> "Reward":
+    return cls(name, rewards_lib.resolve_reward(name), weight)
+
+  @property
+  def label(self) -> str:
+    """The name in metrics: a `module.function` path's function name."""
+    return self.name.rsplit(".", 1)[-1]
+
+  def __call__(self, **available: Any) -> float:
+    params = inspect.signature(self.fn).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    kwargs = available if takes_all else {k: v for k, v in available.items() if k in params}
+    try:
+      return float(self.fn(**kwargs))
+    except Exception as e:  # noqa: BLE001 -- any failure of user code stops the run, named
+      prompt = str(available.get("prompt", ""))[:120]
+      raise RewardError(f"reward {self.name!r} raised {type(e).__name__}: {e} (prompt: "
+                        f"{prompt!r}); fix the function or drop it from the rewards") from e
+
+
+def score(rewards: Sequence[Reward], texts: list[list[str]], lengths: np.ndarray,
+          items: Sequence[dict[str, Any]], max_tokens: int) -> dict[str, np.ndarray]:
+  """Each reward's values `[prompts, G]` for every completion, and their weighted `total`."""
+  out = {}
+  for r in rewards:
+    out[r.label] = np.asarray(
+        [[r(completion=texts[i][j], reference=it["answer"], prompt=it.get("question", ""),
+            num_tokens=int(lengths[i, j]), max_tokens=max_tokens)
+          for j in range(len(texts[i]))] for i, it in enumerate(items)], np.float32)
+  out["total"] = sum(r.weight * out[r.label] for r in rewards)
+  return out
+
+
+def training_rows(prompts: Sequence[Sequence[int]], completions: np.ndarray,
+                  lengths: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """Prompt + completion rows `[n * G, seq_len]` in the batch layout (without advantages).
+
+  Args:
+    prompts: n token id lists.
+    completions: `[n, G, max_new]` generated ids; `lengths` `[n, G]` how many count.
+  """
+  n, g = lengths.shape
+  rows = n * g
+  tokens = np.zeros((rows, seq_len), np.int32)
+  targets = np.zeros((rows, seq_len), np.int32)
+  loss_mask = np.zeros((rows, seq_len), np.int32)
+  segment_ids = np.zeros((rows, seq_len), np.int32)
+  positions = np.zeros((rows, seq_len), np.int32)
+  for i in range(n):
+    p = list(prompts[i])
+    for j in range(g):
+      r = i * g + j
+      ids = p + completions[i, j, :lengths[i, j]].tolist()
+      if len(ids) > seq_len + 1:
+        raise ConfigError(f"a prompt of {len(p)} tokens and a completion of {lengths[i, j]} "
+                          f"do not fit the {seq_len}-token rows")
+      length = len(ids) - 1
+      tokens[r, :length] = ids[:-1]
+      targets[r, :length] = ids[1:]
+      loss_mask[r, len(p) - 1:length] = 1  # targets that are completion tokens
+      segment_ids[r, :length] = 1
+      positions[r, :length] = np.arange(length)
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+          "segment_ids": segment_ids, "positions": positions}
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How completions are sampled and turned into advantages (see `stages.grpo.GRPOConfig`)."""
+  num_generations: int
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  num_iterations: int
+  advantage: str  # 'group' | 'rloo'
+  scale_rewards: str
+  mask_truncated_completions: bool
+  seq_len: int
+  seed: int
+
+
+class RolloutSource(loop.BatchSource):
+  """Training batches sampled from the live policy (see the module doc)."""
+
+  def __init__(self, prompts: Any, make_sampler: Callable[[nnx.GraphDef, Any], Any],
+               rewards: Sequence[Reward], cfg: RolloutConfig,
+               old_logps_fn: Callable[[nnx.GraphDef, Any, dict], np.ndarray] | None = None):
+    """
+    Args:
+      prompts: an iterator of prompt groups with get_state()/set_state() (bytes): each
+        `next()` gives this process's examples `{prompt_ids, answer, question}`.
+      make_sampler: (graphdef, params) -> a `Sampler` over those parameters.
+      old_logps_fn: (graphdef, params, batch) -> `[rows, seq]` log-probs of the targets under
+        the sampling parameters, by the training forward pass; needed when num_iterations > 1.
+    """
+    self.prompts, self.make_sampler, self.rewards, self.cfg = prompts, make_sampler, rewards, cfg
+    self.old_logps_fn = old_logps_fn
+    self.rollouts = 0  # how many rollouts have been sampled
+    self.batch: dict[str, np.ndarray] | None = None  # the batch in use
+    self.uses = 0  # optimizer steps taken on it
+    self._pending: dict[str, list[float]] = {}
+
+  # ---- BatchSource ----
+
+  def next_batch(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
+    if self.batch is None or self.uses >= self.cfg.num_iterations:
+      self.batch = self._rollout(view)
+      self.uses = 0
+    self.uses += 1
+    return self.batch
+
+  def metrics(self) -> dict[str, float]:
+    """Means of the rollout metrics since the last call (what the loop logs with a step)."""
+    out = {k: float(np.mean(v)) for k, v in self._pending.items() if v}
+    self._pending = {}
+    return out
+
+  def get_state(self) -> bytes:
+    buf = io.BytesIO()
+    arrays = {f"batch/{k}": v for k, v in (self.batch or {}).items()}
+    np.savez(buf, prompts=np.frombuffer(self.prompts.get_state(), np.uint8),
+             counters=np.asarray([self.rollouts, self.uses], np.int64), **arrays)
+    # Text: grain's checkpoint handler stores a source's state as a UTF-8 string.
+    return base64.b64encode(buf.getvalue())
+
+  def set_state(self, state: bytes) -> None:
+    with np.load(io.BytesIO(base64.b64decode(state))) as saved:
+      self.prompts.set_state(saved["prompts"].tobytes())
+      self.rollouts, self.uses = (int(x) for x in saved["counters"])
+      batch = {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith("batch/")}
+    self.batch = batch or None
+
+  # ---- One rollout ----
+
+  def _rollout(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    items = next(self.prompts)
+    start = time.time()
+    sampler = self.make_sampler(view.graphdef, view.params)
+    # A fresh key per rollout, from the seed and the rollout count: resumable, never reused.
+    out = sampler.sample([it["prompt_ids"] for it in items], max_new_tokens=cfg.max_new_tokens,
+                         num_samples=cfg.num_generations, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p,
+                         seed=int(np.random.default_rng([cfg.seed, self.rollouts]).integers(
+                             2**31)))
+    sample_seconds = time.time() - start
+    self.rollouts += 1
+    scores = score(self.rewards, out.texts, out.lengths, items, cfg.max_new_tokens)
+    total = scores["total"].reshape(-1)
+    g = cfg.num_generations
+    if cfg.advantage == "rloo":
+      advantages = adv_lib.leave_one_out_advantages(jnp.asarray(total), g)
+    else:
+      advantages = adv_lib.group_advantages(jnp.asarray(total), g, scale=cfg.scale_rewards)
+    batch = training_rows([it["prompt_ids"] for it in items], out.tokens, out.lengths,
+                          cfg.seq_len)
+    stopped = out.stopped.reshape(-1)
+    if cfg.mask_truncated_completions:
+      batch["loss_mask"] = batch["loss_mask"] * stopped[:, None].astype(np.int32)
+    batch["advantages"] = np.asarray(advantages, np.float32)
+    batch["old_logps"] = np.zeros(batch["tokens"].shape, np.float32)
+    if cfg.num_iterations > 1:
+      batch["old_logps"] = np.asarray(self.old_logps_fn(view.graphdef, view.params, batch),
+                                      np.float32)
+    self._record(scores, out, total, sample_seconds)
+    return batch
+
+  def _record(self, scores, out, total, sample_seconds) -> None:
+    g = self.cfg.num_generations
+    lengths = out.lengths.reshape(-1)
+    m = {"reward": float(total.mean()), "reward_std": float(total.std()),
+         "frac_zero_spread_groups": float(np.mean(np.asarray(
+             adv_lib.zero_spread_groups(jnp.asarray(total), g)))),
+         "completion_length": float(lengths.mean()),
+         "completion_length_max": float(lengths.max()),
+         "truncated_fraction": float(1.0 - out.stopped.mean()),
+         "rollout_seconds": sample_seconds,
+         "rollout_tokens_per_sec": float(lengths.sum() / max(sample_seconds, 1e-9))}
+    for r in self.rewards:
+      m[f"rewards/{r.label}/mean"] = float(scores[r.label].mean())
+      m[f"rewards/{r.label}/std"] = float(scores[r.label].std())
+    for k, v in m.items():
+      self._pending.setdefault(k, []).append(v)

@@ -1,0 +1,274 @@
+"""Stage `grpo`: reinforcement learning with verifiable rewards (GRPO and its family).
+
+Each rollout takes B prompts (`PromptDataConfig.prompts_per_step`), samples G completions
+each with `llmjax.sample.Sampler` from the current parameters, scores them with the
+configured rewards (e.g. `math_answer`: the final answer checked, not judged), turns the
+rewards into advantages (group-normalised as GRPO, or leave-one-out as RLOO) and takes
+`num_iterations` optimizer steps on that batch with the clipped policy loss of
+`llmjax.rl.policy_loss` (loss types grpo, bnpo, dr_grpo, dapo; clip-higher; GSPO's sequence
+ratio; a k3 KL to the reference when beta > 0). The batch source is checkpointed, so a
+resumed run samples what the straight run would have.
+
+Every logged step has the rollout's rewards (per function), the fraction of groups whose
+rewards are all equal (no learning signal), completion lengths, the truncated fraction,
+rollout seconds and tokens/s, and the loss's clip fractions, KL and entropy; every eval
+answers held-out prompts greedily and logs their `accuracy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmjax import metrics as metrics_lib
+from llmjax.data import chat, prompts as prompts_lib
+from llmjax.errors import ConfigError
+from llmjax.model.config import ModelConfig
+from llmjax.model.lora import LoraConfig
+from llmjax.rl import advantages as adv_lib
+from llmjax.rl.policy_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
+from llmjax.rl.rewards import math_answer
+from llmjax.rl.rollouts import Reward, RolloutConfig, RolloutSource
+from llmjax.sample.sampler import Sampler
+from llmjax.stages.context import RunContext, TokenizerConfig
+from llmjax.train import loop, roles as roles_lib
+from llmjax.train.optimizer import OptimizerConfig
+
+ADVANTAGES = ("group", "rloo")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Sampling, rewards and loss of the grpo stage (TRL's names and defaults where it has them).
+
+  Attributes:
+    num_generations: G, completions per prompt (>= 2: a group needs a spread).
+    max_new_tokens: the completion budget (TRL's max_completion_length).
+    temperature, top_k, top_p: sampling (top_k 0 and top_p 1.0: no limit).
+    rewards: reward names: built-ins (`llmjax.rl.rewards.BUILTIN_REWARDS`) or
+      `module.function` paths; `reward_weights` one float each (default 1.0).
+    advantage: 'group' (GRPO: reward - group mean, scaled by `scale_rewards`) or 'rloo'
+      (reward - mean of the group's other rewards).
+    scale_rewards: 'group' (divide by the group's std), 'batch' or 'none' (Dr. GRPO).
+    loss_type: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's default).
+    epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (DAPO: 0.28 high).
+    beta: the k3 KL coefficient (0: no reference model is held or run).
+    importance_sampling_level: 'token' or 'sequence' (GSPO).
+    num_iterations: mu, optimizer steps per rollout (> 1 keeps the sampling policy's
+      log-probs as old_logps).
+    mask_truncated_completions: completions that hit the budget without stopping do not
+      count in the loss.
+    eval_max_new_tokens: the budget of the greedy held-out answers.
+  """
+  num_generations: int = 8
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  rewards: tuple[str, ...] = ("math_answer",)
+  reward_weights: tuple[float, ...] | None = None
+  advantage: str = "group"
+  scale_rewards: str = "group"
+  loss_type: str = "dapo"
+  epsilon: float = 0.2
+  epsilon_high: float | None = None
+  beta: float = 0.0
+  importance_sampling_level: str = "token"
+  num_iterations: int = 1
+  mask_truncated_completions: bool = False
+  eval_max_new_tokens: int | None = None
+
+  def __post_init__(self):
+    name = "GRPOConfig"
+    object.__setattr__(self, "rewards", (self.rewards,) if isinstance(self.rewards, str)
+                       else tuple(self.rewards))
+    if self.num_generations < 2 and self.advantage == "rloo" or self.num_generations < 1:
+      raise ConfigError(f"{name}.num_generations={self.num_generations}: RLOO needs >= 2")
+    if self.num_generations < 2 and self.scale_rewards == "group":
+      raise ConfigError(f"{name}.num_generations={self.num_generations}: group-scaled "
+                        "advantages need at least 2 completions per prompt (the group's std)")
+    for field, allowed in (("advantage", ADVANTAGES), ("scale_rewards", adv_lib.SCALES),
+                           ("loss_type", LOSS_TYPES),
+                           ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
+      if getattr(self, field) not in allowed:
+        raise ConfigError(f"{name}.{field}={getattr(self, field)!r}: use one of {allowed}")
+    if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+      raise ConfigError(f"{name}.epsilon_high={self.epsilon_high} is below epsilon="
+                        f"{self.epsilon}: clip-higher raises the upper bound (DAPO: 0.28)")
+    if not self.rewards:
+      raise ConfigError(f"{name}.rewards is empty: name at least one (e.g. 'math_answer')")
+    if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+      raise ConfigError(f"{name}.reward_weights has {len(self.reward_weights)} entries for "
+                        f"{len(self.rewards)} rewards {list(self.rewards)}")
+    if self.max_new_tokens < 1 or self.num_iterations < 1 or self.beta < 0:
+      raise ConfigError(f"{name} needs max_new_tokens >= 1, num_iterations >= 1, beta >= 0")
+    for r in self.rewards:
+      Reward.resolve(r)  # an unknown name fails now, listing the built-ins
+
+  def resolved_rewards(self) -> list[Reward]:
+    weights = self.reward_weights or (1.0,) * len(self.rewards)
+    return [Reward.resolve(r, w) for r, w in zip(self.rewards, weights)]
+
+
+def token_logps_and_entropy(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """`[rows, seq]` log p(target) and the policy's entropy at each position, float32."""
+  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  logps = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  return logps, jax.lax.stop_gradient(entropy)
+
+
+def grpo_objective(cfg: GRPOConfig):
+  """The train loop's loss: `policy_loss` as (sum, weight) so microbatches add up exactly.
+
+  grpo: (sum over completions of their token-mean loss, completions); bnpo and dapo:
+  (token sum, tokens) over the whole step (dapo's normaliser; bnpo's per-microbatch mean in
+  TRL is the same when microbatches hold equal token counts); dr_grpo: (token sum / budget,
+  completions).
+  """
+  def loss_fn(policy, roles, batch):
+    mask = batch["loss_mask"].astype(jnp.float32)
+    logps, entropy = token_logps_and_entropy(policy, batch)
+    old = (batch["old_logps"] if cfg.num_iterations > 1 else jax.lax.stop_gradient(logps))
+    ref = None
+    if cfg.beta > 0:
+      ref_model = roles_lib.reference_model(policy, roles)
+      ref = token_logps_and_entropy(ref_model, batch)[0]
+    loss, metrics = policy_loss(logps, old, batch["advantages"], mask,
+                                loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+                                epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
+                                importance_sampling_level=cfg.importance_sampling_level,
+                                max_completion_length=cfg.max_new_tokens,
+                                entropies=entropy)
+    n = jnp.float32(mask.shape[0])
+    tokens = jnp.maximum(mask.sum(), 1.0)
+    if cfg.loss_type in ("bnpo", "dapo"):
+      loss_sum, weight = loss * tokens, tokens
+    else:
+      loss_sum, weight = loss * n, n
+    aux = {k: (v * n, n) for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
+    adv = batch["advantages"]
+    aux["advantage_abs"] = (jnp.sum(jnp.abs(adv)), n)
+    return loss_sum, weight, aux
+  return loss_fn
+
+
+def accuracy(graphdef: nnx.GraphDef, params: Any, tokenizer: Any, template: str,
+             items: Sequence[dict[str, Any]], max_new_tokens: int) -> dict[str, float]:
+  """Greedy answers to held-out prompts, checked by `math_answer`: the fraction right."""
+  if not items:
+    return {}
+  sampler = Sampler(graphdef, params, tokenizer, eos_ids=chat.stop_token_ids(tokenizer, template))
+  out = sampler.sample([it["prompt_ids"] for it in items], max_new_tokens=max_new_tokens)
+  right = [math_answer(out.texts[i][0], it["answer"]) for i, it in enumerate(items)]
+  return {"accuracy": float(np.mean(right)), "accuracy_n": len(right)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPO:
+  name = "grpo"
+  model: ModelConfig
+  data: prompts_lib.PromptDataConfig
+  train: loop.TrainConfig
+  optimizer: OptimizerConfig
+  tokenizer: TokenizerConfig
+  grpo: GRPOConfig
+  chat_template: str = "chatml"
+  init_from: str | None = None
+  reference_from: str | None = None
+  lora: LoraConfig | None = None
+
+  def run(self, ctx: RunContext) -> loop.TrainResult:
+    cfg = self.grpo
+    start = ctx.start(self.init_from, self.model, f"{self.name}.init_from")
+    policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
+                                    self.train.seed)
+    if ctx.tokenizer is None and start is not None and not self.tokenizer.path:
+      raise ConfigError("grpo starts from parameters without a tokenizer: set "
+                        "TokenizerConfig.path to the tokenizer the model was trained with")
+    template = self.chat_template
+    if ctx.tokenizer is None:  # a first stage: train the tokenizer on the prompts
+      items = prompts_lib.load_prompts(self.data)[0]
+      ctx.ensure_tokenizer(self.tokenizer, [it["question"] for it in items], self.model)
+    tokenizer = ctx.ensure_tokenizer(self.tokenizer, [], self.model)
+    stop_ids = chat.stop_token_ids(tokenizer, template)  # ConfigError without the template's
+    train_ex, eval_ex, stats = prompts_lib.prompt_data(self.data, tokenizer, template)
+    counts = stats.as_dict()
+    roles: dict[str, roles_lib.Role] = {}
+    if cfg.beta > 0:
+      ref = (ctx.resolve(self.reference_from, f"{self.name}.reference_from")
+             if self.reference_from else start if self.lora is None else None)
+      if ref is not None:
+        roles[roles_lib.REFERENCE] = ref.frozen_role()
+      elif self.lora is None:
+        raise ConfigError("grpo.beta > 0 needs a reference: start from a trained model or "
+                          "set grpo.reference_from")
+
+    pid, nproc = jax.process_index(), jax.process_count()
+    seq_len = self.data.max_prompt_tokens + cfg.max_new_tokens
+    rollout_cfg = RolloutConfig(cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
+                                cfg.top_k, cfg.top_p, cfg.num_iterations, cfg.advantage,
+                                cfg.scale_rewards, cfg.mask_truncated_completions, seq_len,
+                                self.train.seed)
+
+    def make_sampler(graphdef, params):
+      return Sampler(graphdef, params, tokenizer, eos_ids=stop_ids)
+
+    forward = jax.jit(lambda gd, p, b: token_logps_and_entropy(nnx.merge(gd, p), b)[0],
+                      static_argnums=0)
+    source = RolloutSource(prompts_lib.PromptIterator(train_ex, self.data, pid, nproc),
+                           make_sampler, cfg.resolved_rewards(), rollout_cfg,
+                           old_logps_fn=lambda gd, p, b: jax.device_get(forward(gd, p, b)))
+    held_out = prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc)
+    budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
+
+    def extra_eval(graphdef, params, step):
+      del step
+      return accuracy(graphdef, params, tokenizer, template, held_out, budget)
+
+    writer = metrics_lib.MetricsWriter(ctx.workdir, self.name, self.train.total_steps,
+                                       enabled=ctx.is_chief)
+    try:
+      writer.write(0, counts, kind="data")
+      meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
+              "chat_template": chat.chat_template_jinja(template), **start_meta}
+      return loop.train(stage=self.name, policy=policy, roles=roles,
+                        loss_fn=grpo_objective(cfg), train_data=source, eval_data=[],
+                        train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
+                        meta=meta, extra_eval=extra_eval if held_out else None,
+                        **ctx.loop_kwargs())
+    finally:
+      writer.close()
+
+
+@gin.configurable("grpo")
+def grpo_stage(model: ModelConfig = gin.REQUIRED,
+               data: prompts_lib.PromptDataConfig = gin.REQUIRED,
+               train: loop.TrainConfig = gin.REQUIRED,
+               optimizer: OptimizerConfig = OptimizerConfig(),
+               tokenizer: TokenizerConfig = TokenizerConfig(),
+               grpo: GRPOConfig = GRPOConfig(),
+               chat_template: str = "chatml",
+               init_from: str | None = None,
+               reference_from: str | None = None,
+               lora: LoraConfig | None = None) -> GRPO:
+  """The GRPO stage as configured in gin (`grpo.data = @PromptDataConfig()`, `grpo.grpo =
+  @GRPOConfig()`, ...). `init_from`: where to start (default: the previous stage);
+  `reference_from`: the KL reference when `GRPOConfig.beta > 0` (default: the start; with
+  LoRA, the base with adapters off)."""
+  chat.get_template(chat_template)
+  if train.grad_accum_steps > 1 and (data.prompts_per_step * grpo.num_generations
+                                     ) % train.grad_accum_steps:
+    raise ConfigError(f"grpo: prompts_per_step x num_generations = "
+                      f"{data.prompts_per_step * grpo.num_generations} rows do not split into "
+                      f"TrainConfig.grad_accum_steps={train.grad_accum_steps} microbatches")
+  return GRPO(model, data, train, optimizer, tokenizer, grpo, chat_template, init_from,
+              reference_from, lora)

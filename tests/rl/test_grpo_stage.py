@@ -1,0 +1,131 @@
+"""The grpo stage on a tiny model: rollouts from the live parameters, exact resume (also in the
+middle of a num_iterations cycle), the rollout batch layout, and clear errors."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax.data import prompts as prompts_lib
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.errors import ConfigError
+from llmjax.metrics import read_metrics
+from llmjax.model.transformer import build_model
+from llmjax.rl.rollouts import Reward, RewardError, RolloutConfig, RolloutSource, training_rows
+from llmjax.sample.sampler import Sampler
+from llmjax.stages import RunContext, run_stages
+from llmjax.stages.context import TokenizerConfig
+from llmjax.stages.grpo import GRPOConfig, grpo_stage
+from llmjax.train import loop
+from llmjax.train.optimizer import OptimizerConfig
+
+from tests.conftest import TEST_MODEL
+
+DATA = prompts_lib.PromptDataConfig(format="builtin", max_prompt_tokens=96, prompts_per_step=2,
+                                    builtin_train=32, builtin_eval=8, eval_prompts=4)
+
+
+def stage(tokenizer_path, **grpo_kw):
+  return grpo_stage(
+      model=TEST_MODEL, data=DATA,
+      train=loop.TrainConfig(total_steps=4, log_every=1, eval_every=4, checkpoint_every=2),
+      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+      tokenizer=TokenizerConfig(path=tokenizer_path),
+      grpo=GRPOConfig(**{"num_generations": 4, "max_new_tokens": 8, "temperature": 1.0,
+                         # A reward with a spread even for a random model (whose completions
+                         # all run to the budget): longer text is better.
+                         "rewards": ("math_answer", "tests.rl.test_grpo_stage.length_reward"),
+                         **grpo_kw}))
+
+
+def length_reward(completion: str, num_tokens: int) -> float:
+  return len(completion) / (8.0 * max(num_tokens, 1))
+
+
+def run(workdir, st, stop_after=None):
+  ctx = run_stages([st], RunContext(workdir=str(workdir), stop_after=stop_after))
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(ctx.outputs["grpo"].params))]
+
+
+@pytest.mark.parametrize("num_iterations,stop_at", [(1, 2), (2, 3)])
+def test_resume_is_exact(tmp_path, tokenizer_path, num_iterations, stop_at):
+  expected = run(tmp_path / "straight", stage(tokenizer_path, num_iterations=num_iterations))
+  run(tmp_path / "resumed", stage(tokenizer_path, num_iterations=num_iterations),
+      stop_after=stop_at)
+  resumed = run(tmp_path / "resumed", stage(tokenizer_path, num_iterations=num_iterations))
+  for a, b in zip(resumed, expected):
+    np.testing.assert_array_equal(a, b)
+  rows = [m for m in read_metrics(str(tmp_path / "straight")) if m["kind"] == "train"]
+  assert [m["step"] for m in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in rows)
+  # A rollout every num_iterations steps, and its metrics with the step that made it.
+  rollout_steps = [m["step"] for m in rows if "rollout_seconds" in m]
+  assert rollout_steps == list(range(1, 5, num_iterations))
+  assert all("rewards/length_reward/mean" in m for m in rows if "rollout_seconds" in m)
+  if num_iterations == 1:  # on-policy: the ratio is exactly 1, nothing is clipped
+    assert all(m["clip_ratio/region_mean"] == 0.0 for m in rows)
+  evals = [m for m in read_metrics(str(tmp_path / "straight")) if m["kind"] == "eval"]
+  assert evals and evals[-1]["accuracy_n"] == 4
+
+
+class _Prompts:
+  """A fixed prompt group, as a PromptIterator yields them."""
+
+  def __init__(self, items):
+    self.items = items
+
+  def __next__(self):
+    return self.items
+
+  def get_state(self):
+    return b""
+
+  def set_state(self, state):
+    del state
+
+
+def test_rollouts_come_from_the_parameters_they_are_given(tokenizer_path):
+  tokenizer = Tokenizer.load(tokenizer_path)
+  items = [{"prompt_ids": [tokenizer.bos_id, 10, 11, 12], "answer": 3.0, "question": "q"}]
+  cfg = RolloutConfig(num_generations=4, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
+                      num_iterations=1, advantage="group", scale_rewards="group",
+                      mask_truncated_completions=False, seq_len=16, seed=0)
+  graphdef, params_a = nnx.split(build_model(TEST_MODEL, seed=1))
+  params_b = nnx.state(build_model(TEST_MODEL, seed=2))
+
+  def batch(params):
+    source = RolloutSource(_Prompts(items), lambda gd, p: Sampler(gd, p, tokenizer),
+                           [Reward("len", length_reward)], cfg)
+    return source.next_batch(loop.PolicyView(graphdef, params, 0))
+  a, a_again, b = batch(params_a), batch(params_a), batch(params_b)
+  np.testing.assert_array_equal(a["tokens"], a_again["tokens"])  # same params, same samples
+  assert not np.array_equal(a["tokens"], b["tokens"])  # new params, new samples
+  assert a["tokens"].shape == (4, 16) and a["advantages"].shape == (4,)
+
+
+def test_training_rows_layout():
+  rows = training_rows([[1, 2, 3]], np.array([[[7, 8, 9], [5, 0, 0]]]), np.array([[3, 1]]), 8)
+  np.testing.assert_array_equal(rows["tokens"][0], [1, 2, 3, 7, 8, 0, 0, 0])
+  np.testing.assert_array_equal(rows["targets"][0], [2, 3, 7, 8, 9, 0, 0, 0])
+  np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(rows["tokens"][1], [1, 2, 3, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows["loss_mask"][1], [0, 0, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows["segment_ids"][1], [1, 1, 1, 0, 0, 0, 0, 0])
+
+
+def test_bad_settings_and_failing_rewards():
+  with pytest.raises(ConfigError, match=r"unknown.*math_answer"):
+    GRPOConfig(rewards=("math_anser",))
+  with pytest.raises(ConfigError, match=r"epsilon_high=0.1 is below epsilon=0.2"):
+    GRPOConfig(epsilon_high=0.1)
+  with pytest.raises(ConfigError, match=r"at least 2 completions"):
+    GRPOConfig(num_generations=1)
+  with pytest.raises(ConfigError, match=r"loss_type='ppo'"):
+    GRPOConfig(loss_type="ppo")
+
+  def broken(completion):
+    raise ValueError("boom")
+  with pytest.raises(RewardError, match=r"reward 'broken' raised ValueError: boom.*What is 2"):
+    Reward("broken", broken)(completion="4", prompt="What is 2 + 2?")
