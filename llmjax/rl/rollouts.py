@@ -10,8 +10,10 @@ checkpoint, so a resumed run samples exactly what the straight run sampled.
 
 Batch layout (numpy, `[rows, seq]` unless noted; rows = prompts x G, prompt-major): `tokens`,
 `targets`, `positions`, `segment_ids` (1 on the sequence, 0 on padding), `loss_mask` (1 where
-the target is a completion token), `advantages` `[rows]`, and `old_logps` (the sampling
-policy's per-token log-probs of the targets; used when num_iterations > 1).
+the target is a completion token), `advantages` `[rows]`, `old_logps` (the sampling
+policy's per-token log-probs of the targets by the training forward pass; used when
+num_iterations > 1), `sampler_logps` (the sampler's own log-probs of them) and `fresh` `[rows]`
+(1 on the step that sampled the batch, when the parameters are still the sampler's).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from llmjax.rl import rewards as rewards_lib
 from llmjax.train import loop
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "advantages",
-              "old_logps")
+              "old_logps", "sampler_logps", "fresh")
 
 
 class RewardError(LlmjaxError):
@@ -88,12 +90,15 @@ def score(rewards: Sequence[Reward], texts: list[list[str]], lengths: np.ndarray
 
 
 def training_rows(prompts: Sequence[Sequence[int]], completions: np.ndarray,
-                  lengths: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+                  lengths: np.ndarray, seq_len: int,
+                  logprobs: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Prompt + completion rows `[n * G, seq_len]` in the batch layout (without advantages).
 
   Args:
     prompts: n token id lists.
     completions: `[n, G, max_new]` generated ids; `lengths` `[n, G]` how many count.
+    logprobs: `[n, G, max_new]` the sampler's log-probs of them, placed at their targets as
+      `sampler_logps` (to measure how far the sampler is from the training forward pass).
   """
   n, g = lengths.shape
   rows = n * g
@@ -102,6 +107,7 @@ def training_rows(prompts: Sequence[Sequence[int]], completions: np.ndarray,
   loss_mask = np.zeros((rows, seq_len), np.int32)
   segment_ids = np.zeros((rows, seq_len), np.int32)
   positions = np.zeros((rows, seq_len), np.int32)
+  sampler_logps = np.zeros((rows, seq_len), np.float32)
   for i in range(n):
     p = list(prompts[i])
     for j in range(g):
@@ -114,10 +120,12 @@ def training_rows(prompts: Sequence[Sequence[int]], completions: np.ndarray,
       tokens[r, :length] = ids[:-1]
       targets[r, :length] = ids[1:]
       loss_mask[r, len(p) - 1:length] = 1  # targets that are completion tokens
+      if logprobs is not None:
+        sampler_logps[r, len(p) - 1:length] = logprobs[i, j, :lengths[i, j]]
       segment_ids[r, :length] = 1
       positions[r, :length] = np.arange(length)
   return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-          "segment_ids": segment_ids, "positions": positions}
+          "segment_ids": segment_ids, "positions": positions, "sampler_logps": sampler_logps}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +172,9 @@ class RolloutSource(loop.BatchSource):
       self.batch = self._rollout(view)
       self.uses = 0
     self.uses += 1
-    return self.batch
+    # `fresh`: the parameters are still those that sampled the batch (its first step).
+    fresh = np.full(len(self.batch["advantages"]), float(self.uses == 1), np.float32)
+    return {**self.batch, "fresh": fresh}
 
   def metrics(self) -> dict[str, float]:
     """Means of the rollout metrics since the last call (what the loop logs with a step)."""
@@ -210,7 +220,7 @@ class RolloutSource(loop.BatchSource):
     else:
       advantages = adv_lib.group_advantages(jnp.asarray(total), g, scale=cfg.scale_rewards)
     batch = training_rows([it["prompt_ids"] for it in items], out.tokens, out.lengths,
-                          cfg.seq_len)
+                          cfg.seq_len, out.logprobs)
     stopped = out.stopped.reshape(-1)
     if cfg.mask_truncated_completions:
       batch["loss_mask"] = batch["loss_mask"] * stopped[:, None].astype(np.int32)

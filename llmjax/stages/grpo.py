@@ -157,6 +157,11 @@ def grpo_objective(cfg: GRPOConfig):
     aux = {k: (v * n, n) for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
     adv = batch["advantages"]
     aux["advantage_abs"] = (jnp.sum(jnp.abs(adv)), n)
+    # How far the sampler's log-probs are from this forward pass's, on the batch's first step
+    # (the loss uses this forward pass; a large gap means the sampler computes another model).
+    fresh = mask * batch["fresh"][:, None]
+    gap = jnp.abs(jax.lax.stop_gradient(logps) - batch["sampler_logps"]) * fresh
+    aux["logprob_gap"] = (jnp.sum(gap), jnp.sum(fresh))
     return loss_sum, weight, aux
   return loss_fn
 

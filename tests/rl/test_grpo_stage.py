@@ -66,6 +66,8 @@ def test_resume_is_exact(tmp_path, tokenizer_path, num_iterations, stop_at):
   assert all("rewards/length_reward/mean" in m for m in rows if "rollout_seconds" in m)
   if num_iterations == 1:  # on-policy: the ratio is exactly 1, nothing is clipped
     assert all(m["clip_ratio/region_mean"] == 0.0 for m in rows)
+  # The sampler's log-probs are the training forward pass's (float32, same model).
+  assert all(m["logprob_gap"] < 1e-4 for m in rows if "rollout_seconds" in m)
   evals = [m for m in read_metrics(str(tmp_path / "straight")) if m["kind"] == "eval"]
   assert evals and evals[-1]["accuracy_n"] == 4
 
@@ -113,6 +115,9 @@ def test_training_rows_layout():
   np.testing.assert_array_equal(rows["tokens"][1], [1, 2, 3, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(rows["loss_mask"][1], [0, 0, 1, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(rows["segment_ids"][1], [1, 1, 1, 0, 0, 0, 0, 0])
+  rows = training_rows([[1, 2, 3]], np.array([[[7, 8, 9]]]), np.array([[2]]), 8,
+                       logprobs=np.array([[[-0.5, -1.5, -9.0]]]))
+  np.testing.assert_array_equal(rows["sampler_logps"][0], [0, 0, -0.5, -1.5, 0, 0, 0, 0])
 
 
 def test_bad_settings_and_failing_rewards():
