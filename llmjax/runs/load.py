@@ -107,6 +107,12 @@ def saved_stages(workdir: str) -> list[str]:
       if os.path.isdir(root) else []
 
 
+def has_checkpoint(workdir: str, stage: str) -> bool:
+  """Whether `stage` of the run has saved a step (an empty directory is not a checkpoint)."""
+  directory = os.path.join(workdir, "checkpoints", stage)
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
 def default_stage(workdir: str) -> str:
   """The last stage of the run's pipeline that has a checkpoint; with no pipeline record,
   the only stage there is (an import, a quantized model). Otherwise an error that lists them."""

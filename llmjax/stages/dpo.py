@@ -36,7 +36,7 @@ from llmjax.model.lora import LoraConfig
 from llmjax.parallel import mesh as mesh_lib
 from llmjax.preference import losses, reference as reference_lib
 from llmjax.preference.logps import PairLogps, pair_logps, reference_from_batch
-from llmjax.runs.load import float_model
+from llmjax.runs.load import float_model, has_checkpoint
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.stages.preference_data import answer_items, prepare_pairs
 from llmjax.stages.sft import exact_match
@@ -196,7 +196,7 @@ class DPO:
                                        enabled=ctx.is_chief)
     try:
       writer.write(0, pairs.counts, kind="data")
-      if items and start is not None and not _has_checkpoint(ctx.workdir, self.name):
+      if items and start is not None and not has_checkpoint(ctx.workdir, self.name):
         # What the starting model answers: the eval records say what preference moved.
         writer.write(0, extra_eval(*float_model(start.graphdef, start.params, start.model_cfg),
                                    0), kind="baseline")
@@ -223,11 +223,6 @@ class DPO:
                                            ref.source, compute)
     return (preferences.attach_reference_logps(train_ex, tables["train"]),
             preferences.attach_reference_logps(eval_ex, tables["eval"]))
-
-
-def _has_checkpoint(workdir: str, stage: str) -> bool:
-  directory = os.path.join(workdir, "checkpoints", stage)
-  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
 @gin.configurable("dpo")

@@ -35,6 +35,7 @@ from llmjax.rl import advantages as adv_lib
 from llmjax.rl.policy_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
 from llmjax.rl.rewards import math_answer
 from llmjax.rl.rollouts import Reward, RolloutConfig, RolloutSource
+from llmjax.runs.load import float_model, has_checkpoint
 from llmjax.sample.sampler import Sampler
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop, roles as roles_lib
@@ -243,6 +244,10 @@ class GRPO:
                                        enabled=ctx.is_chief)
     try:
       writer.write(0, counts, kind="data")
+      if held_out and start is not None and not has_checkpoint(ctx.workdir, self.name):
+        # The starting model's held-out accuracy: what the eval records are compared with.
+        writer.write(0, extra_eval(*float_model(start.graphdef, start.params,
+                                                start.model_cfg), 0), kind="baseline")
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       return loop.train(stage=self.name, policy=policy, roles=roles,
