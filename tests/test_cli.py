@@ -125,6 +125,24 @@ def test_missing_data_file(tmp_path, tokenizer_path):
                                     "DataConfig.train_paths = ['/no/such/file.txt']"])
 
 
+def test_a_failed_first_start_leaves_no_workdir(tmp_path, tokenizer_path):
+  from llmjax.cli.train import run_or_clean_up
+  bindings = [f"TokenizerConfig.path = '{tokenizer_path}'", "DataConfig.format = 'text'",
+              "DataConfig.train_paths = ['/no/such/file.txt']"]
+  fresh = tmp_path / "fresh"
+  stages = configure([TINY], bindings, str(fresh))
+  assert (fresh / "config.gin").exists()  # written once the config is valid
+  with pytest.raises(DataError, match="/no/such/file.txt"):
+    run_or_clean_up(stages, RunContext(workdir=str(fresh)), created=True)
+  assert not fresh.exists()
+  # An existing run is never removed, whatever fails.
+  existing = tmp_path / "existing"
+  stages = configure([TINY], bindings, str(existing))
+  with pytest.raises(DataError):
+    run_or_clean_up(stages, RunContext(workdir=str(existing)), created=False)
+  assert (existing / "config.gin").exists()
+
+
 def test_a_bare_path_is_one_path_not_its_characters(tmp_path, tokenizer_path):
   from llmjax.data.instructions import SFTDataConfig
   from llmjax.data.pipeline import DataConfig

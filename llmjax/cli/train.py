@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 import time
 from typing import Sequence
@@ -17,7 +18,7 @@ import gin
 from absl import app, flags, logging
 
 from llmjax.cli import common, gin_flags
-from llmjax.errors import ConfigError
+from llmjax.errors import ConfigError, LlmjaxError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, tokenizer.")
@@ -89,6 +90,21 @@ def write_config(workdir: str, configured: list, command: Sequence[str] | None =
   return path
 
 
+def run_or_clean_up(configured: list, ctx, created: bool) -> None:
+  """Runs the stages; if this start created the workdir and fails on bad input (a missing
+  file, a malformed line) before any checkpoint exists, removes the workdir again, so a
+  failed first start leaves nothing that looks like a run."""
+  from llmjax import stages
+  from llmjax.runs.load import has_checkpoint, saved_stages
+  try:
+    stages.run_stages(configured, ctx)
+  except LlmjaxError:
+    saved = any(has_checkpoint(ctx.workdir, s) for s in saved_stages(ctx.workdir))
+    if created and ctx.is_chief and not saved:
+      shutil.rmtree(ctx.workdir, ignore_errors=True)
+    raise
+
+
 def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
@@ -96,6 +112,7 @@ def main(argv):
   from llmjax.parallel import distributed, mesh as mesh_lib
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          auto=FLAGS.jax_distributed)
+  created = not os.path.exists(FLAGS.workdir)
   configured = configure(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir,
                          ["llmjax-train", *sys.argv[1:]])  # as typed, --gin.X=Y included
   mesh_cfg = mesh_lib.MeshConfig()  # after configure: gin has parsed the files
@@ -104,7 +121,7 @@ def main(argv):
   logging.info("Running stages %s in %s on mesh %s", names, FLAGS.workdir, dict(mesh.shape))
   ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps,
                           mesh=mesh, rules=mesh_cfg.rules)
-  stages.run_stages(configured, ctx)
+  run_or_clean_up(configured, ctx, created)
   if ctx.stopped:
     stage, step = ctx.stopped
     print(f"stopped: {stage} saved at step {step} in {os.path.abspath(FLAGS.workdir)}; run the "

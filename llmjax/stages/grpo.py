@@ -194,6 +194,10 @@ class GRPO:
 
   def run(self, ctx: RunContext) -> loop.TrainResult:
     cfg = self.grpo
+    if jax.process_count() > 1:
+      raise ConfigError("grpo samples its rollouts on one process's devices; running it on "
+                        f"{jax.process_count()} processes is not supported yet: run it on "
+                        "one host (any number of local devices)")
     start = ctx.start(self.init_from, self.model, f"{self.name}.init_from")
     policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
                                     self.train.seed)
