@@ -18,7 +18,6 @@ set only on assistant tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Sequence
 
 import gin
@@ -27,7 +26,7 @@ import numpy as np
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows, rename_packed
-from llmjax.data.sources import expand_paths, json_error_where
+from llmjax.data.sources import read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
 OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
@@ -119,24 +118,9 @@ def read_jsonl(paths: Sequence[str] | str, skip_bad_lines: bool = False
   A malformed line is a DataError naming `file:line`, unless `skip_bad_lines` (then counted).
   Blank lines are ignored.
   """
-  conversations, skipped = [], 0
-  for path in expand_paths(paths):
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({json_error_where(e)}); fix the "
-                            "line or set SFTDataConfig.skip_bad_lines = True") from None
-          conversations.append(_to_messages(record, where))
-        except DataError:
-          if not skip_bad_lines:
-            raise
-          skipped += 1
+  records, skipped = read_jsonl_records(paths, _to_messages, config="SFTDataConfig",
+                                       skip_bad_lines=skip_bad_lines)
+  conversations = [conv for _, conv in records]
   if not conversations:
     raise DataError(f"{paths}: no examples found: the files are empty or every line was "
                     "skipped")

@@ -44,8 +44,6 @@ JAX.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Iterator, Sequence
 
 import gin
@@ -56,7 +54,7 @@ import numpy as np
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows
-from llmjax.data.sources import expand_paths
+from llmjax.data.sources import read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
 OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
@@ -222,34 +220,10 @@ def read_jsonl(paths: Sequence[str] | str, skip_bad_lines: bool = False
   A malformed line is a DataError naming `file:line`, unless `skip_bad_lines` (then counted
   in `stats.skipped_lines`). Blank lines are ignored; identical pairs are counted and dropped.
   """
-  pairs: list[Pair] = []
-  stats = SourceStats()
-  for path in expand_paths(paths):
-    if not os.path.isfile(path):
-      raise DataError(f"{path}: no such file: check PreferenceDataConfig.train_paths / "
-                      "eval_paths")
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix the "
-                            "line or set PreferenceDataConfig.skip_bad_lines = True"
-                            ) from None
-          pair = normalize_pair(record, where)
-        except DataError:
-          if not skip_bad_lines:
-            raise
-          stats.skipped_lines += 1
-          continue
-        if pair is None:
-          stats.dropped_identical += 1
-        else:
-          pairs.append(pair)
+  records, skipped = read_jsonl_records(paths, normalize_pair, config="PreferenceDataConfig",
+                                       skip_bad_lines=skip_bad_lines)
+  pairs = [pair for _, pair in records if pair is not None]
+  stats = SourceStats(skipped_lines=skipped, dropped_identical=len(records) - len(pairs))
   if not pairs:
     raise DataError(f"{paths}: no preference pairs found: the files are empty or every line "
                     f"was skipped or identical ({stats.as_dict()})")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from typing import Any, Sequence
 
@@ -39,7 +38,7 @@ from absl import logging
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths
-from llmjax.data.sources import expand_paths, json_error_where
+from llmjax.data.sources import read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
 FORMATS = ("builtin", "gsm8k", "jsonl")
@@ -205,37 +204,23 @@ def read_jsonl(paths: Sequence[str] | str, fmt: str, skip_bad_lines: bool = Fals
   items: list[Item] = []
   stats = PromptStats()
   unparsable: list[str] = []
-  for path in expand_paths(paths):
-    if not os.path.isfile(path):
-      raise DataError(f"{path}: no such file: check PromptDataConfig.train_paths / eval_paths")
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({json_error_where(e)}); fix the line "
-                            "or set PromptDataConfig.skip_bad_lines = True") from None
-          if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-          item, raw = parse(record, where)
-        except DataError:
-          if not skip_bad_lines:
-            raise
-          stats.skipped_lines += 1
-          continue
-        if isinstance(raw, str):
-          answer = _reference_number(raw)
-        else:
-          answer = float(raw) if math.isfinite(raw) else None
-        if answer is None:
-          stats.unparsable_answers += 1
-          unparsable.append(where)
-          continue
-        items.append({**item, "answer": answer})
+
+  def parse_object(record: Any, where: str):
+    if not isinstance(record, dict):
+      raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return parse(record, where)
+  records, stats.skipped_lines = read_jsonl_records(
+      paths, parse_object, config="PromptDataConfig", skip_bad_lines=skip_bad_lines)
+  for where, (item, raw) in records:
+    if isinstance(raw, str):
+      answer = _reference_number(raw)
+    else:
+      answer = float(raw) if math.isfinite(raw) else None
+    if answer is None:
+      stats.unparsable_answers += 1
+      unparsable.append(where)
+      continue
+    items.append({**item, "answer": answer})
   if unparsable:
     hint = ("end the answer with '#### N'" if fmt == "gsm8k" else
             "give a number, or text ending in '#### N'")

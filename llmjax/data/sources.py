@@ -13,13 +13,15 @@ import json
 import mmap
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import grain
 import numpy as np
 
 from llmjax.data import synthetic
 from llmjax.errors import ConfigError, DataError
+
+T = TypeVar("T")
 
 FORMATS = ("text", "jsonl", "arrayrecord", "builtin")
 MAX_REPORTED_PROBLEMS = 10
@@ -166,6 +168,40 @@ def json_error_where(e: json.JSONDecodeError) -> str:
   end in 'at' ('Unterminated string starting at'), which must not become 'at at'."""
   at = "" if e.msg.endswith(" at") else " at"
   return f"{e.msg}{at} column {e.colno}"
+
+
+def read_jsonl_records(paths: Sequence[str] | str, parse: Callable[[Any, str], T], *,
+                       config: str, skip_bad_lines: bool = False
+                       ) -> tuple[list[tuple[str, T]], int]:
+  """`[(file:line, parse(record, file:line))]` of every non-blank line of JSONL files, and how
+  many bad lines were skipped.
+
+  A missing file is a DataError naming `config`'s paths. A line that is not JSON, or that
+  `parse` rejects with a DataError, fails naming `file:line`, or with `skip_bad_lines` is
+  counted and skipped (`config` names the class whose `skip_bad_lines` to set).
+  """
+  out: list[tuple[str, T]] = []
+  skipped = 0
+  for path in expand_paths(paths):
+    if not os.path.isfile(path):
+      raise DataError(f"{path}: no such file: check {config}.train_paths / eval_paths")
+    with open(path, encoding="utf-8") as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        where = f"{path}:{lineno}"
+        try:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({json_error_where(e)}); fix the line "
+                            f"or set {config}.skip_bad_lines = True") from None
+          out.append((where, parse(record, where)))
+        except DataError:
+          if not skip_bad_lines:
+            raise
+          skipped += 1
+  return out, skipped
 
 
 def _json_problem(raw: bytes, field: str) -> str | None:

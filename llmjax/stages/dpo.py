@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
-
 import gin
 import jax
 import jax.numpy as jnp

@@ -56,7 +56,6 @@ def main():
   from tests.conftest import TEST_MODEL
 
   tokenizer = Tokenizer.load(sys.argv[1])
-  cfg = PreferenceLoss  # noqa: F841 (keeps the import visible in tracebacks)
   data = preferences.PreferenceDataConfig(seq_len=128, batch_size=8, max_pairs_per_row=2)
   pairs = preferences.builtin_pairs("train", 24)
   examples, _ = preferences.tokenize_pairs(pairs, tokenizer, "chatml", 128, "drop")

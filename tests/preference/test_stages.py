@@ -1,10 +1,6 @@
 """The rm and dpo stages end to end on a tiny model: exact resume, precomputed == live
 reference, the reward model's HF export scores, LoRA, and bad settings."""
 
-import dataclasses
-import json
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ from llmjax.metrics import read_metrics
 from llmjax.model.lora import LoraConfig
 from llmjax.stages import RunContext, run_stages
 from llmjax.stages.context import TokenizerConfig
-from llmjax.stages.dpo import DPO, PreferenceLoss, dpo_stage
+from llmjax.stages.dpo import PreferenceLoss, dpo_stage
 from llmjax.stages.reward_model import reward_model_stage
 from llmjax.stages.sft import SFT
 from llmjax.train import loop

@@ -1,7 +1,6 @@
 """The grpo stage on a tiny model: rollouts from the live parameters, exact resume (also in the
 middle of a num_iterations cycle), the rollout batch layout, and clear errors."""
 
-import dataclasses
 
 import jax
 import numpy as np
