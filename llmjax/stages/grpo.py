@@ -155,7 +155,12 @@ def grpo_objective(cfg: GRPOConfig):
       loss_sum, weight = loss * tokens, tokens
     else:
       loss_sum, weight = loss * n, n
-    aux = {k: (v * n, n) for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
+    # policy_loss's metrics are token means (per-completion means for GSPO's clip ratios):
+    # weighted by their counts, they add up over microbatches to the whole step's.
+    per_sequence = cfg.importance_sampling_level == "sequence"
+    aux = {k: (v * (n if per_sequence and k.startswith("clip_ratio") else tokens),
+               n if per_sequence and k.startswith("clip_ratio") else tokens)
+           for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
     adv = batch["advantages"]
     aux["advantage_abs"] = (jnp.sum(jnp.abs(adv)), n)
     # How far the sampler's log-probs are from this forward pass's, on the batch's first step

@@ -1,5 +1,6 @@
-"""One DPO step (with a reference role) and one reward-model step on 8 simulated CPU devices,
-with 2 microbatches, vs one device without accumulation. Run as a script (the device count is
+"""One DPO step (with a reference role), one reward-model step and one GRPO step (dapo, with a
+KL to a reference) on 8 simulated CPU devices, with 2 microbatches, vs one device without
+accumulation. Run as a script (the device count is
 fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
 
 import json
@@ -72,12 +73,31 @@ def main():
       "rm": ({"policy": policy_role(rm_cfg, init_reward_model(base, rm_cfg, seed=3))},
              reward_objective(2, center_rewards_coefficient=0.01)),
   }
+  # GRPO: 16 completions (4 prompts x G=4) of random tokens with group advantages, a KL
+  # to a reference (beta > 0) and dapo's token-level normaliser across the 2 microbatches.
+  from llmjax.rl.advantages import group_advantages
+  from llmjax.rl.rollouts import training_rows
+  from llmjax.stages.grpo import GRPOConfig, grpo_objective
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 12, (4, 4))
+  rollout = training_rows([list(rng.integers(5, 400, 6)) for _ in range(4)],
+                          rng.integers(5, 400, (4, 4, 12)), lengths, 24)
+  rollout["advantages"] = np.asarray(group_advantages(rng.normal(size=16), 4), np.float32)
+  rollout["old_logps"] = np.zeros((16, 24), np.float32)
+  rollout["fresh"] = np.ones(16, np.float32)
+  grpo_cfg = GRPOConfig(num_generations=4, max_new_tokens=12, loss_type="dapo", beta=0.04)
+  variants["grpo"] = ({"policy": policy_role(TEST_MODEL, base),
+                       "reference": Role.frozen(ref_graphdef, ref_params, TEST_MODEL)},
+                      grpo_objective(grpo_cfg))
+  batches = {"grpo": rollout}
+
   one_device = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
   results = {"pairs": n_pairs}
   for name, (all_roles, loss_fn) in variants.items():
-    ref_m, ref_p = one_step(all_roles, loss_fn, one_device, batch, accum=1)
+    b = batches.get(name, batch)
+    ref_m, ref_p = one_step(all_roles, loss_fn, one_device, b, accum=1)
     got_m, got_p = one_step(all_roles, loss_fn, mesh_lib.make_mesh(
-        mesh_lib.MeshConfig(2, 2, 2)), batch, accum=2)
+        mesh_lib.MeshConfig(2, 2, 2)), b, accum=2)
     results[name] = {
         "metrics": got_m, "ref_metrics": ref_m,
         "param_max_diff": max(float(np.abs(a - b).max()) for a, b in zip(got_p, ref_p)),

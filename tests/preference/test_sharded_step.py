@@ -37,3 +37,14 @@ def test_sharded_accumulated_step_equals_one_device(results, stage):
   # One SGD step: the parameters moved by the gradient, the same on both (float32 sums in
   # another order agree far below the step itself).
   assert r["param_max_diff"] < 1e-4 * r["param_max_change"]
+
+
+def test_sharded_accumulated_grpo_step_equals_one_device(results):
+  r = results["grpo"]
+  got, ref = r["metrics"], r["ref_metrics"]
+  # dapo's weight is the step's completion-token count, exact across microbatches.
+  assert got["target_tokens"] == ref["target_tokens"] > 16
+  for key in ("loss", "grad_norm", "kl", "entropy", "advantage_abs"):
+    assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+  assert ref["grad_norm"] > 0 and ref["kl"] > 0  # the reference differs from the policy
+  assert r["param_max_diff"] < 1e-4 * r["param_max_change"]
