@@ -141,6 +141,8 @@ class RolloutConfig:
   mask_truncated_completions: bool
   seq_len: int
   seed: int
+  dynamic_sampling: bool = False
+  max_sampling_rounds: int = 4
 
 
 class RolloutSource(loop.BatchSource):
@@ -198,29 +200,45 @@ class RolloutSource(loop.BatchSource):
 
   # ---- One rollout ----
 
-  def _rollout(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
+  def _sample(self, sampler, items) -> "_Groups":
+    """G completions of each prompt of `items`, scored: one sampling round."""
     cfg = self.cfg
-    items = next(self.prompts)
-    start = time.time()
-    sampler = self.make_sampler(view.graphdef, view.params)
-    # A fresh key per rollout, from the seed and the rollout count: resumable, never reused.
+    # A fresh key per round, from the seed and the round count: resumable, never reused.
+    seed = int(np.random.default_rng([cfg.seed, self.rollouts]).integers(2**31))
+    self.rollouts += 1
     out = sampler.sample([it["prompt_ids"] for it in items], max_new_tokens=cfg.max_new_tokens,
                          num_samples=cfg.num_generations, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p,
-                         seed=int(np.random.default_rng([cfg.seed, self.rollouts]).integers(
-                             2**31)))
-    sample_seconds = time.time() - start
-    self.rollouts += 1
+                         top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)
     scores = score(self.rewards, out.texts, out.lengths, items, cfg.max_new_tokens)
-    total = scores["total"].reshape(-1)
+    return _Groups(list(items), out.tokens, out.logprobs, out.lengths, out.stopped, scores)
+
+  def _rollout(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    start = time.time()
+    sampler = self.make_sampler(view.graphdef, view.params)
+    first = groups = self._sample(sampler, next(self.prompts))
+    rounds, wanted = 1, len(first.items)
+    if cfg.dynamic_sampling:
+      # DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; sample more
+      # prompts until the batch is full of groups with a spread (or the rounds run out, then
+      # top up with the others so the batch keeps its shape).
+      kept, spare = first.split(first.spread())
+      while len(kept.items) < wanted and rounds < cfg.max_sampling_rounds:
+        more = self._sample(sampler, next(self.prompts))
+        rounds += 1
+        good, bad = more.split(more.spread())
+        kept, spare = kept.concat(good), spare.concat(bad)
+      groups = kept.concat(spare).take(wanted)
+    sample_seconds = time.time() - start
+    total = groups.scores["total"].reshape(-1)
     g = cfg.num_generations
     if cfg.advantage == "rloo":
       advantages = adv_lib.leave_one_out_advantages(jnp.asarray(total), g)
     else:
       advantages = adv_lib.group_advantages(jnp.asarray(total), g, scale=cfg.scale_rewards)
-    batch = training_rows([it["prompt_ids"] for it in items], out.tokens, out.lengths,
-                          cfg.seq_len, out.logprobs)
-    stopped = out.stopped.reshape(-1)
+    batch = training_rows([it["prompt_ids"] for it in groups.items], groups.tokens,
+                          groups.lengths, cfg.seq_len, groups.logprobs)
+    stopped = groups.stopped.reshape(-1)
     if cfg.mask_truncated_completions:
       batch["loss_mask"] = batch["loss_mask"] * stopped[:, None].astype(np.int32)
     batch["advantages"] = np.asarray(advantages, np.float32)
@@ -228,22 +246,59 @@ class RolloutSource(loop.BatchSource):
     if cfg.num_iterations > 1:
       batch["old_logps"] = np.asarray(self.old_logps_fn(view.graphdef, view.params, batch),
                                       np.float32)
-    self._record(scores, out, total, sample_seconds)
+    self._record(groups, first, rounds, sample_seconds)
     return batch
 
-  def _record(self, scores, out, total, sample_seconds) -> None:
-    g = self.cfg.num_generations
-    lengths = out.lengths.reshape(-1)
+  def _record(self, groups: "_Groups", first: "_Groups", rounds: int,
+              sample_seconds: float) -> None:
+    total = groups.scores["total"].reshape(-1)
+    lengths = groups.lengths.reshape(-1)
     m = {"reward": float(total.mean()), "reward_std": float(total.std()),
-         "frac_zero_spread_groups": float(np.mean(np.asarray(
-             adv_lib.zero_spread_groups(jnp.asarray(total), g)))),
+         # Of the first round: what the prompts give before dynamic sampling filters them.
+         "frac_zero_spread_groups": float(1.0 - first.spread().mean()),
+         "sampling_rounds": float(rounds),
          "completion_length": float(lengths.mean()),
          "completion_length_max": float(lengths.max()),
-         "truncated_fraction": float(1.0 - out.stopped.mean()),
+         "truncated_fraction": float(1.0 - groups.stopped.mean()),
          "rollout_seconds": sample_seconds,
          "rollout_tokens_per_sec": float(lengths.sum() / max(sample_seconds, 1e-9))}
     for r in self.rewards:
-      m[f"rewards/{r.label}/mean"] = float(scores[r.label].mean())
-      m[f"rewards/{r.label}/std"] = float(scores[r.label].std())
+      m[f"rewards/{r.label}/mean"] = float(groups.scores[r.label].mean())
+      m[f"rewards/{r.label}/std"] = float(groups.scores[r.label].std())
     for k, v in m.items():
       self._pending.setdefault(k, []).append(v)
+
+
+@dataclasses.dataclass
+class _Groups:
+  """Prompts with their G scored completions each (arrays `[prompts, G, ...]`)."""
+  items: list[dict[str, Any]]
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  lengths: np.ndarray
+  stopped: np.ndarray
+  scores: dict[str, np.ndarray]
+
+  def spread(self) -> np.ndarray:
+    """`[prompts]` bool: the group's total rewards are not all equal."""
+    total = self.scores["total"]
+    return ~np.asarray(adv_lib.zero_spread_groups(jnp.asarray(total.reshape(-1)),
+                                                  total.shape[1]))
+
+  def _select(self, idx: np.ndarray) -> "_Groups":
+    return _Groups([self.items[i] for i in idx], self.tokens[idx], self.logprobs[idx],
+                   self.lengths[idx], self.stopped[idx],
+                   {k: v[idx] for k, v in self.scores.items()})
+
+  def split(self, mask: np.ndarray) -> tuple["_Groups", "_Groups"]:
+    return self._select(np.flatnonzero(mask)), self._select(np.flatnonzero(~mask))
+
+  def take(self, n: int) -> "_Groups":
+    return self._select(np.arange(n))
+
+  def concat(self, other: "_Groups") -> "_Groups":
+    cat = lambda a, b: np.concatenate([a, b])
+    return _Groups(self.items + other.items, cat(self.tokens, other.tokens),
+                   cat(self.logprobs, other.logprobs), cat(self.lengths, other.lengths),
+                   cat(self.stopped, other.stopped),
+                   {k: cat(v, other.scores[k]) for k, v in self.scores.items()})

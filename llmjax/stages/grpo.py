@@ -66,6 +66,9 @@ class GRPOConfig:
       log-probs as old_logps).
     mask_truncated_completions: completions that hit the budget without stopping do not
       count in the loss.
+    dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal (no
+      learning signal) are replaced by groups of further prompts, up to
+      `max_sampling_rounds` sampling rounds per rollout.
     eval_max_new_tokens: the budget of the greedy held-out answers.
   """
   num_generations: int = 8
@@ -84,6 +87,8 @@ class GRPOConfig:
   importance_sampling_level: str = "token"
   num_iterations: int = 1
   mask_truncated_completions: bool = False
+  dynamic_sampling: bool = False
+  max_sampling_rounds: int = 4
   eval_max_new_tokens: int | None = None
 
   def __post_init__(self):
@@ -108,8 +113,10 @@ class GRPOConfig:
     if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
       raise ConfigError(f"{name}.reward_weights has {len(self.reward_weights)} entries for "
                         f"{len(self.rewards)} rewards {list(self.rewards)}")
-    if self.max_new_tokens < 1 or self.num_iterations < 1 or self.beta < 0:
-      raise ConfigError(f"{name} needs max_new_tokens >= 1, num_iterations >= 1, beta >= 0")
+    if (self.max_new_tokens < 1 or self.num_iterations < 1 or self.beta < 0
+        or self.max_sampling_rounds < 1):
+      raise ConfigError(f"{name} needs max_new_tokens >= 1, num_iterations >= 1, beta >= 0 "
+                        "and max_sampling_rounds >= 1")
     for r in self.rewards:
       Reward.resolve(r)  # an unknown name fails now, listing the built-ins
 
@@ -232,7 +239,7 @@ class GRPO:
     rollout_cfg = RolloutConfig(cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                                 cfg.top_k, cfg.top_p, cfg.num_iterations, cfg.advantage,
                                 cfg.scale_rewards, cfg.mask_truncated_completions, seq_len,
-                                self.train.seed)
+                                self.train.seed, cfg.dynamic_sampling, cfg.max_sampling_rounds)
 
     def make_sampler(graphdef, params):
       return Sampler(graphdef, params, tokenizer, eos_ids=stop_ids)

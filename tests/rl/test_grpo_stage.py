@@ -106,6 +106,48 @@ def test_rollouts_come_from_the_parameters_they_are_given(tokenizer_path):
   assert a["tokens"].shape == (4, 16) and a["advantages"].shape == (4,)
 
 
+class _Cycle:
+  """Prompt groups in turn, as a PromptIterator yields them."""
+
+  def __init__(self, groups):
+    self.groups, self.i = groups, 0
+
+  def __next__(self):
+    self.i += 1
+    return self.groups[(self.i - 1) % len(self.groups)]
+
+  def get_state(self):
+    return b""
+
+  def set_state(self, state):
+    del state
+
+
+def test_dynamic_sampling_replaces_groups_without_a_spread(tokenizer_path):
+  tokenizer = Tokenizer.load(tokenizer_path)
+  flat = {"prompt_ids": [tokenizer.bos_id, 10, 11], "answer": 1.0, "question": "flat"}
+  varied = {"prompt_ids": [tokenizer.bos_id, 20, 21], "answer": 2.0, "question": "varied"}
+
+  def reward(completion: str, reference: float) -> float:
+    return 1.0 if reference == 1.0 else float(len(completion))  # flat: no spread
+  graphdef, params = nnx.split(build_model(TEST_MODEL, seed=1))
+  cfg = dict(num_generations=4, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
+             num_iterations=1, advantage="group", scale_rewards="group",
+             mask_truncated_completions=False, seq_len=16, seed=0)
+  for dynamic, expected_rounds in ((False, 1), (True, 2)):
+    source = RolloutSource(_Cycle([[flat, varied], [varied, flat]]),
+                           lambda gd, p: Sampler(gd, p, tokenizer), [Reward("r", reward)],
+                           RolloutConfig(**cfg, dynamic_sampling=dynamic))
+    batch = source.next_batch(loop.PolicyView(graphdef, params, 0))
+    metrics = source.metrics()
+    groups = np.abs(batch["advantages"]).reshape(2, 4).sum(-1)
+    assert metrics["sampling_rounds"] == expected_rounds
+    assert metrics["frac_zero_spread_groups"] == 0.5
+    # Without: one of the two groups teaches nothing; with: both have a spread.
+    assert (groups > 0).sum() == (2 if dynamic else 1)
+    assert batch["tokens"].shape == (8, 16)
+
+
 def test_training_rows_layout():
   rows = training_rows([[1, 2, 3]], np.array([[[7, 8, 9], [5, 0, 0]]]), np.array([[3, 1]]), 8)
   np.testing.assert_array_equal(rows["tokens"][0], [1, 2, 3, 7, 8, 0, 0, 0])
