@@ -26,7 +26,7 @@ import numpy as np
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows, rename_packed
-from llmjax.data.sources import read_jsonl_records
+from llmjax.data.sources import hold_out, read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
 OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
@@ -172,15 +172,8 @@ def conversations(cfg: SFTDataConfig) -> tuple[list, list, int]:
   if cfg.eval_paths:
     evals, more = read_jsonl(list(cfg.eval_paths), cfg.skip_bad_lines)
     return train, evals, skipped + more
-  if len(train) <= cfg.eval_examples:
-    raise ConfigError(f"{len(train)} training examples are too few to hold out "
-                      f"SFTDataConfig.eval_examples={cfg.eval_examples}: give eval_paths or "
-                      "lower eval_examples")
-  # A fixed permutation (not cfg.seed), so changing the shuffle seed never leaks eval data.
-  order = np.random.default_rng(12345).permutation(len(train))
-  held = set(order[:cfg.eval_examples].tolist())
-  return ([c for i, c in enumerate(train) if i not in held],
-          [train[i] for i in sorted(held)], skipped)
+  train, held = hold_out(train, cfg.eval_examples, "SFTDataConfig")
+  return train, held, skipped
 
 
 # ---- Tokenization and truncation ----

@@ -54,7 +54,7 @@ import numpy as np
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows
-from llmjax.data.sources import read_jsonl_records
+from llmjax.data.sources import hold_out, read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
 OVERLONG_RULES = ("truncate_prompt", "truncate_end", "drop")
@@ -256,15 +256,8 @@ def load_pairs(cfg: PreferenceDataConfig) -> tuple[list[Pair], list[Pair], Sourc
     evals, more = read_jsonl(list(cfg.eval_paths), cfg.skip_bad_lines)
     return train, evals, SourceStats(*(a + b for a, b in zip(
         dataclasses.astuple(stats), dataclasses.astuple(more))))
-  if len(train) <= cfg.eval_examples:
-    raise ConfigError(f"{len(train)} training pairs are too few to hold out "
-                      f"PreferenceDataConfig.eval_examples={cfg.eval_examples}: give "
-                      "eval_paths or lower eval_examples")
-  # A fixed permutation (not cfg.seed), so changing the shuffle seed never leaks eval data.
-  order = np.random.default_rng(12345).permutation(len(train))
-  held = set(order[:cfg.eval_examples].tolist())
-  return ([p for i, p in enumerate(train) if i not in held],
-          [train[i] for i in sorted(held)], stats)
+  train, held = hold_out(train, cfg.eval_examples, "PreferenceDataConfig")
+  return train, held, stats
 
 
 # ---- Tokenization and truncation ----

@@ -33,12 +33,11 @@ from typing import Any, Sequence
 
 import gin
 import grain
-import numpy as np
 from absl import logging
 
 from llmjax.data import chat, synthetic
 from llmjax.data.pipeline import as_paths
-from llmjax.data.sources import read_jsonl_records
+from llmjax.data.sources import hold_out, read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
 FORMATS = ("builtin", "gsm8k", "jsonl")
@@ -252,15 +251,8 @@ def load_prompts(cfg: PromptDataConfig) -> tuple[list[Item], list[Item], PromptS
   if cfg.eval_paths:
     evals, more = read_jsonl(list(cfg.eval_paths), cfg.format, cfg.skip_bad_lines)
     return train, evals, stats + more
-  if len(train) <= cfg.eval_examples:
-    raise ConfigError(f"{len(train)} training prompts are too few to hold out "
-                      f"PromptDataConfig.eval_examples={cfg.eval_examples}: give eval_paths "
-                      "or lower eval_examples")
-  # A fixed permutation (not cfg.seed), so changing the shuffle seed never leaks eval data.
-  order = np.random.default_rng(12345).permutation(len(train))
-  held = set(order[:cfg.eval_examples].tolist())
-  return ([p for i, p in enumerate(train) if i not in held],
-          [train[i] for i in sorted(held)], stats)
+  train, held = hold_out(train, cfg.eval_examples, "PromptDataConfig")
+  return train, held, stats
 
 
 # ---- Tokenization ----

@@ -204,6 +204,20 @@ def read_jsonl_records(paths: Sequence[str] | str, parse: Callable[[Any, str], T
   return out, skipped
 
 
+def hold_out(examples: list[T], count: int, config: str) -> tuple[list[T], list[T]]:
+  """(train, held out): `count` of `examples` held out for evaluation when a config gives no
+  eval files. A fixed permutation, not the shuffle seed, so changing that seed never moves
+  training examples into the held-out set."""
+  if len(examples) <= count:
+    raise ConfigError(f"{len(examples)} training examples are too few to hold out "
+                      f"{config}.eval_examples={count}: give eval_paths or lower "
+                      "eval_examples")
+  order = np.random.default_rng(12345).permutation(len(examples))
+  held = set(order[:count].tolist())
+  return ([e for i, e in enumerate(examples) if i not in held],
+          [examples[i] for i in sorted(held)])
+
+
 def _json_problem(raw: bytes, field: str) -> str | None:
   """What is wrong with one JSONL line, or None."""
   try:
