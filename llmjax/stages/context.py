@@ -52,12 +52,16 @@ class StageOutput:
     from llmjax.runs.load import merged_params
     return merged_params(self.graphdef, self.params)
 
+  def float_model(self) -> tuple[Any, Any]:
+    """(graphdef, params) of the plain float model (see `float_params`)."""
+    from llmjax.runs.load import float_model
+    return float_model(self.graphdef, self.params, self.model_cfg)
+
   def frozen_role(self) -> Any:
     """This model as a frozen role of another stage (reference, reward, teacher), in its
     plain float form: merged once, rather than recomputing adapters every step."""
-    from llmjax.runs.load import float_model
     from llmjax.train.roles import Role
-    return Role.frozen(*float_model(self.graphdef, self.params, self.model_cfg), self.model_cfg)
+    return Role.frozen(*self.float_model(), self.model_cfg)
 
 
 @dataclasses.dataclass
@@ -154,9 +158,16 @@ class RunContext:
                                       "step": step})
     self.last_stage = name
 
-  def ensure_tokenizer(self, cfg: TokenizerConfig, documents: Any,
-                       model_cfg: ModelConfig) -> Tokenizer:
-    """Loads or trains the run's tokenizer and checks that the model can embed it."""
+  def ensure_tokenizer(self, cfg: TokenizerConfig, documents: Any, model_cfg: ModelConfig,
+                       stage: str = "", has_start: bool = False) -> Tokenizer:
+    """Loads or trains the run's tokenizer and checks that the model can embed it.
+
+    `has_start`: `stage` starts from trained parameters, whose tokenizer it must use (never
+    one trained afresh here).
+    """
+    if self.tokenizer is None and has_start and not cfg.path:
+      raise ConfigError(f"{stage} starts from parameters without a tokenizer: set "
+                        "TokenizerConfig.path to the tokenizer the model was trained with")
     if self.tokenizer is None:
       local = os.path.join(self.workdir, TOKENIZER_FILE)
       if cfg.path:

@@ -34,7 +34,7 @@ from llmjax.model.lora import LoraConfig
 from llmjax.parallel import mesh as mesh_lib
 from llmjax.preference import losses, reference as reference_lib
 from llmjax.preference.logps import PairLogps, pair_logps, reference_from_batch
-from llmjax.runs.load import float_model, has_checkpoint
+from llmjax.runs.load import has_checkpoint
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.stages.preference_data import answer_items, prepare_pairs
 from llmjax.stages.sft import exact_match
@@ -196,8 +196,7 @@ class DPO:
       writer.write(0, pairs.counts, kind="data")
       if items and start is not None and not has_checkpoint(ctx.workdir, self.name):
         # What the starting model answers: the eval records say what preference moved.
-        writer.write(0, extra_eval(*float_model(start.graphdef, start.params, start.model_cfg),
-                                   0), kind="baseline")
+        writer.write(0, extra_eval(*start.float_model(), 0), kind="baseline")
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       loss_fn = preference_objective(self.loss, self.data.max_pairs_per_row,
@@ -211,7 +210,7 @@ class DPO:
 
   def _precomputed(self, ctx: RunContext, ref, train_ex, eval_ex):
     """The examples with the reference's log-probs attached, computed once per run."""
-    graphdef, params = float_model(ref.graphdef, ref.params, ref.model_cfg)
+    graphdef, params = ref.float_model()
     path = os.path.join(ctx.workdir, "reference_logps", f"{self.name}.npz")
     mesh, rules = mesh_lib.mesh_and_rules(ctx.mesh, ctx.rules)
 

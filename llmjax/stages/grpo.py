@@ -35,7 +35,7 @@ from llmjax.rl import advantages as adv_lib
 from llmjax.rl.policy_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
 from llmjax.rl.rewards import math_answer
 from llmjax.rl.rollouts import Reward, RolloutConfig, RolloutSource
-from llmjax.runs.load import float_model, has_checkpoint
+from llmjax.runs.load import has_checkpoint
 from llmjax.sample.sampler import Sampler
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop, roles as roles_lib
@@ -213,14 +213,12 @@ class GRPO:
     start = ctx.start(self.init_from, self.model, f"{self.name}.init_from")
     policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
                                     self.train.seed)
-    if ctx.tokenizer is None and start is not None and not self.tokenizer.path:
-      raise ConfigError("grpo starts from parameters without a tokenizer: set "
-                        "TokenizerConfig.path to the tokenizer the model was trained with")
     template = self.chat_template
-    if ctx.tokenizer is None:  # a first stage: train the tokenizer on the prompts
-      items = prompts_lib.load_prompts(self.data)[0]
-      ctx.ensure_tokenizer(self.tokenizer, [it["question"] for it in items], self.model)
-    tokenizer = ctx.ensure_tokenizer(self.tokenizer, [], self.model)
+    # A first stage trains its tokenizer on the prompts; any other uses its start's.
+    questions = ([it["question"] for it in prompts_lib.load_prompts(self.data)[0]]
+                 if ctx.tokenizer is None and start is None and not self.tokenizer.path else [])
+    tokenizer = ctx.ensure_tokenizer(self.tokenizer, questions, self.model, self.name,
+                                     has_start=start is not None)
     stop_ids = chat.stop_token_ids(tokenizer, template)  # ConfigError without the template's
     train_ex, eval_ex, stats = prompts_lib.prompt_data(self.data, tokenizer, template)
     counts = stats.as_dict()
@@ -262,8 +260,7 @@ class GRPO:
       writer.write(0, counts, kind="data")
       if held_out and start is not None and not has_checkpoint(ctx.workdir, self.name):
         # The starting model's held-out accuracy: what the eval records are compared with.
-        writer.write(0, extra_eval(*float_model(start.graphdef, start.params,
-                                                start.model_cfg), 0), kind="baseline")
+        writer.write(0, extra_eval(*start.float_model(), 0), kind="baseline")
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       return loop.train(stage=self.name, policy=policy, roles=roles,

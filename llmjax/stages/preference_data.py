@@ -9,7 +9,6 @@ from typing import Any
 from absl import logging
 
 from llmjax.data import chat, preferences
-from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 from llmjax.stages.context import RunContext, TokenizerConfig
 
@@ -32,11 +31,8 @@ def prepare_pairs(ctx: RunContext, stage: str, data: preferences.PreferenceDataC
   """
   chat.get_template(template)
   train_pairs, eval_pairs, source_stats = preferences.load_pairs(data)
-  if ctx.tokenizer is None and has_start and not tokenizer_cfg.path:
-    raise ConfigError(f"{stage} starts from parameters without a tokenizer: set "
-                      "TokenizerConfig.path to the tokenizer the model was trained with")
   texts = [chat.render_text(p["prompt"] + p["chosen"], template) for p in train_pairs]
-  tokenizer = ctx.ensure_tokenizer(tokenizer_cfg, texts, model_cfg)
+  tokenizer = ctx.ensure_tokenizer(tokenizer_cfg, texts, model_cfg, stage, has_start)
   chat.stop_token_ids(tokenizer, template)  # ConfigError if it lacks the template's tokens
   train, train_stats = preferences.tokenize_pairs(train_pairs, tokenizer, template,
                                                   data.seq_len, data.overlong)

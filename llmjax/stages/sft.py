@@ -19,7 +19,6 @@ from flax import nnx
 
 from llmjax import metrics as metrics_lib
 from llmjax.data import chat, instructions
-from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 from llmjax.model.lora import LoraConfig
 from llmjax.sample.sampler import Sampler
@@ -108,12 +107,9 @@ class SFT:
       writer.close()
 
   def _tokenizer(self, ctx: RunContext, convs: list) -> Any:
-    if (ctx.tokenizer is None and (ctx.last_stage or self.init_from)
-        and not self.tokenizer.path):
-      raise ConfigError("sft starts from parameters without a tokenizer: set "
-                        "TokenizerConfig.path to the tokenizer the model was trained with")
     texts = [chat.render_text(c, self.chat_template) for c in convs]
-    tokenizer = ctx.ensure_tokenizer(self.tokenizer, texts, self.model)
+    tokenizer = ctx.ensure_tokenizer(self.tokenizer, texts, self.model, self.name,
+                                     has_start=bool(ctx.last_stage or self.init_from))
     chat.stop_token_ids(tokenizer, self.chat_template)  # ConfigError if it lacks the tokens
     return tokenizer
 

@@ -189,3 +189,11 @@ def test_reward_export_of_a_run_without_a_head_fails_and_writes_nothing(tmp_path
   with pytest.raises(LlmjaxError, match=r"reward"):
     export_run(start, str(out), task="reward")
   assert not out.exists()
+
+
+def test_a_start_without_a_tokenizer_is_refused(tmp_path):
+  # Training a fresh tokenizer for trained parameters would scramble their embeddings.
+  ctx = RunContext(workdir=str(tmp_path))
+  with pytest.raises(ConfigError, match=r"dpo starts from parameters without a tokenizer"):
+    ctx.ensure_tokenizer(TokenizerConfig(), ["some text"], TEST_MODEL, "dpo", has_start=True)
+  assert not any(tmp_path.iterdir())  # nothing trained, nothing written
