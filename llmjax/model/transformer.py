@@ -305,10 +305,13 @@ class Transformer(nnx.Module):
     slots = cache.index[:, None] + jnp.arange(seq)
     valid = write_cache(cache.valid, token_valid, cache.index)
     mask = cache_attention_mask(valid, slots)
-    x = self.embed[...].astype(self.config.dtype)[tokens]
+    # Under `activation_sharding` (RL rollouts in a training run), rows split over the batch
+    # axes as in training; elsewhere the constraints are no-ops.
+    x = constrain(self.embed[...].astype(self.config.dtype)[tokens], RESIDUAL_AXES)
     ks, vs = [], []
     for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
       x, k_cache, v_cache = layer.decode(x, positions, k_cache, v_cache, cache.index, mask)
+      x = constrain(x, RESIDUAL_AXES)
       ks.append(k_cache)
       vs.append(v_cache)
     new_cache = cache._replace(k=tuple(ks), v=tuple(vs), valid=valid, index=cache.index + seq)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def _cluster_detected() -> str | None:
@@ -53,3 +56,33 @@ def _initialize(coordinator_address, num_processes, process_id) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+
+
+def allgather_token_lists(lists: Sequence[Sequence[int]]) -> list[list[int]]:
+  """Every process's token id lists (ragged), process-major: process 0's, then 1's, ...
+
+  Each process must pass as many lists. A single process gets its own lists back unchanged.
+  """
+  if jax.process_count() == 1:
+    return [list(x) for x in lists]
+  lengths = multihost_utils.process_allgather(np.asarray([len(x) for x in lists], np.int32))
+  width = max(1, int(lengths.max()))
+  padded = np.full((len(lists), width), -1, np.int32)
+  for i, x in enumerate(lists):
+    padded[i, :len(x)] = x
+  everyone = multihost_utils.process_allgather(padded)  # [processes, n, width]
+  return [everyone[p, i, :lengths[p, i]].tolist()
+          for p in range(everyone.shape[0]) for i in range(everyone.shape[1])]
+
+
+def gather_floats(values: Sequence[float]) -> np.ndarray:
+  """`[processes, k]`: every process's float vector (a collective: every process calls it)."""
+  values = np.asarray(values, np.float64)
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values))
+
+
+def any_process(flag: bool) -> bool:
+  """True when `flag` is true on at least one process (a collective: every process calls it)."""
+  return bool(gather_floats([float(flag)]).max() > 0)

@@ -18,6 +18,7 @@ import gin
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.errors import ConfigError
@@ -205,3 +206,12 @@ def active_mesh() -> tuple[Mesh, Rules] | None:
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """This process's rows -> global arrays whose rows are split over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def global_to_host_rows(x: jax.Array, sharding: NamedSharding) -> np.ndarray:
+  """The inverse of `host_batch_to_global` for one array split by `sharding`: this
+  process's rows, as numpy."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, sharding.mesh,
+                                                                     sharding.spec))

@@ -2,11 +2,17 @@
 -> advantages -> one training batch.
 
 `RolloutSource` is a `loop.BatchSource`: before every optimizer step the loop hands it the
-policy's current parameters (`PolicyView`); every `num_iterations` steps it samples a fresh
-group of completions from them (the same batch is reused for the steps in between, with the
-log-probs of the policy that sampled it kept as `old_logps`). Its state (the prompt
-iterator's position, the rollout counter and a batch still in use) is saved with every
-checkpoint, so a resumed run samples exactly what the straight run sampled.
+policy's current parameters (`PolicyView`). A rollout samples completions from them, shuffles
+its rows and splits them into `minibatches` slices; the optimizer steps take the slices in
+turn, `num_iterations` times over (TRL's steps_per_generation and num_iterations), so a
+rollout feeds `minibatches x num_iterations` steps. After the first, the parameters are no
+longer those that sampled, so the sampling policy's log-probs are kept as `old_logps`. Its
+state (the prompt iterator's position, the rollout counter and the rollout still in use) is
+saved with every checkpoint, so a resumed run samples exactly what the straight run sampled.
+
+With several processes each one brings its own prompts and scores its own completions, and
+the sampling itself is one program over all processes' devices
+(`sampler.sample_per_process`); rollout metrics are averaged over processes.
 
 Batch layout (numpy, `[rows, seq]` unless noted; rows = prompts x G, prompt-major): `tokens`,
 `targets`, `positions`, `segment_ids` (1 on the sequence, 0 on padding), `loss_mask` (1 where
@@ -30,8 +36,10 @@ import numpy as np
 from flax import nnx
 
 from llmjax.errors import ConfigError, LlmjaxError
+from llmjax.parallel import distributed
 from llmjax.rl import advantages as adv_lib
 from llmjax.rl import rewards as rewards_lib
+from llmjax.sample.sampler import sample_per_process
 from llmjax.train import loop
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "advantages",
@@ -143,6 +151,16 @@ class RolloutConfig:
   seed: int
   dynamic_sampling: bool = False
   max_sampling_rounds: int = 4
+  minibatches: int = 1
+
+  @property
+  def steps_per_rollout(self) -> int:
+    return self.minibatches * self.num_iterations
+
+  @property
+  def needs_old_logps(self) -> bool:
+    """Whether some step trains on the rollout with parameters other than the sampler's."""
+    return self.steps_per_rollout > 1
 
 
 class RolloutSource(loop.BatchSource):
@@ -157,31 +175,39 @@ class RolloutSource(loop.BatchSource):
         `next()` gives this process's examples `{prompt_ids, answer, question}`.
       make_sampler: (graphdef, params) -> a `Sampler` over those parameters.
       old_logps_fn: (graphdef, params, batch) -> `[rows, seq]` log-probs of the targets under
-        the sampling parameters, by the training forward pass; needed when num_iterations > 1.
+        the sampling parameters, by the training forward pass (this process's rows); needed
+        when a rollout feeds more than one step.
     """
     self.prompts, self.make_sampler, self.rewards, self.cfg = prompts, make_sampler, rewards, cfg
     self.old_logps_fn = old_logps_fn
     self.rollouts = 0  # how many rollouts have been sampled
-    self.batch: dict[str, np.ndarray] | None = None  # the batch in use
+    self.batch: dict[str, np.ndarray] | None = None  # the rollout in use, rows shuffled
     self.uses = 0  # optimizer steps taken on it
     self._pending: dict[str, list[float]] = {}
 
   # ---- BatchSource ----
 
   def next_batch(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
-    if self.batch is None or self.uses >= self.cfg.num_iterations:
+    cfg = self.cfg
+    if self.batch is None or self.uses >= cfg.steps_per_rollout:
       self.batch = self._rollout(view)
       self.uses = 0
+    rows = len(self.batch["advantages"]) // cfg.minibatches
+    part = slice(self.uses % cfg.minibatches * rows, (self.uses % cfg.minibatches + 1) * rows)
     self.uses += 1
     # `fresh`: the parameters are still those that sampled the batch (its first step).
-    fresh = np.full(len(self.batch["advantages"]), float(self.uses == 1), np.float32)
-    return {**self.batch, "fresh": fresh}
+    fresh = np.full(rows, float(self.uses == 1), np.float32)
+    return {**{k: v[part] for k, v in self.batch.items()}, "fresh": fresh}
 
   def metrics(self) -> dict[str, float]:
     """Means of the rollout metrics since the last call (what the loop logs with a step)."""
-    out = {k: float(np.mean(v)) for k, v in self._pending.items() if v}
+    names = sorted(k for k, v in self._pending.items() if v)
+    means = [float(np.mean(self._pending[k])) for k in names]
     self._pending = {}
-    return out
+    # Every process logs the same steps with the same names: a collective is safe here.
+    everyone = distributed.gather_floats(means)  # [processes, metrics]
+    return {k: float(everyone[:, i].max() if k.endswith("_max") else everyone[:, i].mean())
+            for i, k in enumerate(names)}
 
   def get_state(self) -> bytes:
     buf = io.BytesIO()
@@ -206,9 +232,10 @@ class RolloutSource(loop.BatchSource):
     # A fresh key per round, from the seed and the round count: resumable, never reused.
     seed = int(np.random.default_rng([cfg.seed, self.rollouts]).integers(2**31))
     self.rollouts += 1
-    out = sampler.sample([it["prompt_ids"] for it in items], max_new_tokens=cfg.max_new_tokens,
-                         num_samples=cfg.num_generations, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)
+    out = sample_per_process(sampler, [it["prompt_ids"] for it in items],
+                             max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_generations,
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                             seed=seed)
     scores = score(self.rewards, out.texts, out.lengths, items, cfg.max_new_tokens)
     return _Groups(list(items), out.tokens, out.logprobs, out.lengths, out.stopped, scores)
 
@@ -221,9 +248,11 @@ class RolloutSource(loop.BatchSource):
     if cfg.dynamic_sampling:
       # DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; sample more
       # prompts until the batch is full of groups with a spread (or the rounds run out, then
-      # top up with the others so the batch keeps its shape).
+      # top up with the others so the batch keeps its shape). Sampling is collective: every
+      # process samples another round while any still needs one.
       kept, spare = first.split(first.spread())
-      while len(kept.items) < wanted and rounds < cfg.max_sampling_rounds:
+      while (rounds < cfg.max_sampling_rounds
+             and distributed.any_process(len(kept.items) < wanted)):
         more = self._sample(sampler, next(self.prompts))
         rounds += 1
         good, bad = more.split(more.spread())
@@ -243,10 +272,16 @@ class RolloutSource(loop.BatchSource):
       batch["loss_mask"] = batch["loss_mask"] * stopped[:, None].astype(np.int32)
     batch["advantages"] = np.asarray(advantages, np.float32)
     batch["old_logps"] = np.zeros(batch["tokens"].shape, np.float32)
-    if cfg.num_iterations > 1:
+    if cfg.needs_old_logps:
       batch["old_logps"] = np.asarray(self.old_logps_fn(view.graphdef, view.params, batch),
                                       np.float32)
     self._record(groups, first, rounds, sample_seconds)
+    if cfg.minibatches > 1:
+      # Minibatches mix the groups (TRL shuffles too): advantages are already computed over
+      # whole groups, and each slice sees a spread of prompts.
+      order = np.random.default_rng([cfg.seed, self.rollouts, 1]).permutation(
+          len(batch["advantages"]))
+      batch = {k: v[order] for k, v in batch.items()}
     return batch
 
   def _record(self, groups: "_Groups", first: "_Groups", rounds: int,

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from llmjax.errors import ConfigError
+from llmjax.parallel import distributed
 from llmjax.sample import kv_cache as kv_lib
 
 PAD_SIDES = ("left", "right")
@@ -64,6 +66,13 @@ class SampleOutput:
   def completion(self, prompt: int, sample: int = 0) -> list[int]:
     """The generated token ids of one (prompt, sample), stop token included."""
     return self.tokens[prompt, sample, :self.lengths[prompt, sample]].tolist()
+
+  def prompts(self, start: int, stop: int) -> "SampleOutput":
+    """The completions of prompts `start:stop` only."""
+    return SampleOutput(self.tokens[start:stop], self.logprobs[start:stop],
+                        self.sampling_logprobs[start:stop], self.lengths[start:stop],
+                        self.stopped[start:stop],
+                        None if self.texts is None else self.texts[start:stop])
 
 
 def _top_k_bucket(top_k: int, vocab: int) -> int:
@@ -293,7 +302,7 @@ class Sampler:
           jnp.int32(max_new_tokens), num_samples=num_samples, new_bucket=new_bucket,
           greedy=greedy, top_k_bucket=k_bucket, use_top_p=not greedy and top_p < 1.0,
           pad_id=self.pad_id)
-      res = jax.device_get(res)
+      res = _to_host(res)
       keep = len(chunk) * num_samples
       outs.append([np.asarray(r)[:keep].reshape((len(chunk), num_samples) + r.shape[1:])
                    for r in res])
@@ -391,6 +400,31 @@ class Sampler:
       if s and s in text:
         text = text[:text.index(s)]
     return text
+
+
+def _to_host(arrays):
+  """A computation's outputs as numpy on this process, also when they span several processes
+  (params sharded over every host's devices)."""
+  if jax.process_count() == 1:
+    return jax.device_get(arrays)
+  return multihost_utils.process_allgather(arrays, tiled=True)
+
+
+def sample_per_process(sampler: Sampler, prompts: Sequence[Sequence[int]],
+                       **kwargs: Any) -> SampleOutput:
+  """`sampler.sample` when every process has prompts of its own (RL rollouts, evals).
+
+  Each process passes as many prompts; each gets the completions of its own. Underneath, one
+  sampling program runs over all processes' prompts at once (gathered, process-major), as the
+  parameters are sharded over all processes' devices; the same seed on every process gives
+  every process the same samples, so the result equals one process sampling the gathered
+  prompts. One process: `sampler.sample(prompts, **kwargs)`.
+  """
+  if jax.process_count() == 1:
+    return sampler.sample(prompts, **kwargs)
+  everyone = distributed.allgather_token_lists(prompts)
+  start = jax.process_index() * len(prompts)
+  return sampler.sample(everyone, **kwargs).prompts(start, start + len(prompts))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

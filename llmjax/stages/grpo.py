@@ -4,10 +4,12 @@ Each rollout takes B prompts (`PromptDataConfig.prompts_per_step`), samples G co
 each with `llmjax.sample.Sampler` from the current parameters, scores them with the
 configured rewards (e.g. `math_answer`: the final answer checked, not judged), turns the
 rewards into advantages (group-normalised as GRPO, or leave-one-out as RLOO) and takes
-`num_iterations` optimizer steps on that batch with the clipped policy loss of
+`steps_per_generation` x `num_iterations` optimizer steps on it (one minibatch of the
+shuffled rows per step, all of them `num_iterations` times) with the clipped policy loss of
 `llmjax.rl.policy_loss` (loss types grpo, bnpo, dr_grpo, dapo; clip-higher; GSPO's sequence
 ratio; a k3 KL to the reference when beta > 0). The batch source is checkpointed, so a
-resumed run samples what the straight run would have.
+resumed run samples what the straight run would have. With several processes, each brings
+its own prompts and the sampling runs as one program over all devices.
 
 Every logged step has the rollout's rewards (per function), the fraction of groups whose
 rewards are all equal (no learning signal), completion lengths, the truncated fraction,
@@ -23,7 +25,6 @@ from typing import Any, Sequence
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from llmjax import metrics as metrics_lib
@@ -31,12 +32,13 @@ from llmjax.data import chat, prompts as prompts_lib
 from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 from llmjax.model.lora import LoraConfig
+from llmjax.parallel import distributed, mesh as mesh_lib
 from llmjax.rl import advantages as adv_lib
 from llmjax.rl.policy_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
 from llmjax.rl.rewards import math_answer
 from llmjax.rl.rollouts import Reward, RolloutConfig, RolloutSource
 from llmjax.runs.load import has_checkpoint
-from llmjax.sample.sampler import Sampler
+from llmjax.sample.sampler import Sampler, sample_per_process
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop, roles as roles_lib
 from llmjax.train.optimizer import OptimizerConfig
@@ -62,8 +64,11 @@ class GRPOConfig:
     epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (DAPO: 0.28 high).
     beta: the k3 KL coefficient (0: no reference model is held or run).
     importance_sampling_level: 'token' or 'sequence' (GSPO).
-    num_iterations: mu, optimizer steps per rollout (> 1 keeps the sampling policy's
-      log-probs as old_logps).
+    num_iterations: mu, passes over each rollout.
+    steps_per_generation: minibatches per rollout (TRL's name): the rollout's rows are
+      shuffled and split into this many optimizer steps, each pass. A rollout thus feeds
+      steps_per_generation x num_iterations steps; when that is > 1 the sampling policy's
+      log-probs are kept as old_logps (the ratio's denominator).
     mask_truncated_completions: completions that hit the budget without stopping do not
       count in the loss.
     dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal (no
@@ -86,6 +91,7 @@ class GRPOConfig:
   beta: float = 0.0
   importance_sampling_level: str = "token"
   num_iterations: int = 1
+  steps_per_generation: int = 1
   mask_truncated_completions: bool = False
   dynamic_sampling: bool = False
   max_sampling_rounds: int = 4
@@ -114,11 +120,16 @@ class GRPOConfig:
       raise ConfigError(f"{name}.reward_weights has {len(self.reward_weights)} entries for "
                         f"{len(self.rewards)} rewards {list(self.rewards)}")
     if (self.max_new_tokens < 1 or self.num_iterations < 1 or self.beta < 0
-        or self.max_sampling_rounds < 1):
-      raise ConfigError(f"{name} needs max_new_tokens >= 1, num_iterations >= 1, beta >= 0 "
-                        "and max_sampling_rounds >= 1")
+        or self.max_sampling_rounds < 1 or self.steps_per_generation < 1):
+      raise ConfigError(f"{name} needs max_new_tokens >= 1, num_iterations >= 1, "
+                        "steps_per_generation >= 1, beta >= 0 and max_sampling_rounds >= 1")
     for r in self.rewards:
       Reward.resolve(r)  # an unknown name fails now, listing the built-ins
+
+  @property
+  def needs_old_logps(self) -> bool:
+    """Whether steps train on rollouts sampled by other parameters than theirs."""
+    return self.num_iterations * self.steps_per_generation > 1
 
   def resolved_rewards(self) -> list[Reward]:
     weights = self.reward_weights or (1.0,) * len(self.rewards)
@@ -145,7 +156,7 @@ def grpo_objective(cfg: GRPOConfig):
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
     logps, entropy = token_logps_and_entropy(policy, batch)
-    old = (batch["old_logps"] if cfg.num_iterations > 1 else jax.lax.stop_gradient(logps))
+    old = batch["old_logps"] if cfg.needs_old_logps else jax.lax.stop_gradient(logps)
     ref = None
     if cfg.beta > 0:
       ref_model = roles_lib.reference_model(policy, roles)
@@ -179,15 +190,34 @@ def grpo_objective(cfg: GRPOConfig):
   return loss_fn
 
 
+def _old_logps_fn(ctx: RunContext):
+  """(graphdef, params, this process's rows) -> their targets' log-probs `[rows, seq]`, by the
+  training forward pass, with the rows split over the run's batch axes as in a step."""
+  mesh, rules = mesh_lib.mesh_and_rules(ctx.mesh, ctx.rules)
+  rows = mesh_lib.batch_sharding(mesh, rules)
+  forward = jax.jit(lambda gd, p, b: token_logps_and_entropy(nnx.merge(gd, p), b)[0],
+                    static_argnums=0, out_shardings=rows)
+
+  def old_logps(graphdef, params, batch):
+    inputs = {k: batch[k] for k in ("tokens", "targets", "positions", "segment_ids")}
+    with mesh_lib.activation_sharding(mesh, rules):
+      out = forward(graphdef, params, mesh_lib.host_batch_to_global(inputs, rows))
+    return mesh_lib.global_to_host_rows(out, rows)
+  return old_logps
+
+
 def accuracy(graphdef: nnx.GraphDef, params: Any, tokenizer: Any, template: str,
              items: Sequence[dict[str, Any]], max_new_tokens: int) -> dict[str, float]:
-  """Greedy answers to held-out prompts, checked by `math_answer`: the fraction right."""
+  """Greedy answers to held-out prompts, checked by `math_answer`: the fraction right (over
+  every process's share of `items`; each process passes as many)."""
   if not items:
     return {}
   sampler = Sampler(graphdef, params, tokenizer, eos_ids=chat.stop_token_ids(tokenizer, template))
-  out = sampler.sample([it["prompt_ids"] for it in items], max_new_tokens=max_new_tokens)
-  right = [math_answer(out.texts[i][0], it["answer"]) for i, it in enumerate(items)]
-  return {"accuracy": float(np.mean(right)), "accuracy_n": len(right)}
+  out = sample_per_process(sampler, [it["prompt_ids"] for it in items],
+                           max_new_tokens=max_new_tokens)
+  right = sum(math_answer(out.texts[i][0], it["answer"]) for i, it in enumerate(items))
+  right, n = distributed.gather_floats([right, len(items)]).sum(axis=0)
+  return {"accuracy": float(right / n), "accuracy_n": int(n)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +236,6 @@ class GRPO:
 
   def run(self, ctx: RunContext) -> loop.TrainResult:
     cfg = self.grpo
-    if jax.process_count() > 1:
-      raise ConfigError("grpo samples its rollouts on one process's devices; running it on "
-                        f"{jax.process_count()} processes is not supported yet: run it on "
-                        "one host (any number of local devices)")
     start = ctx.start(self.init_from, self.model, f"{self.name}.init_from")
     policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
                                     self.train.seed)
@@ -237,16 +263,15 @@ class GRPO:
     rollout_cfg = RolloutConfig(cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
                                 cfg.top_k, cfg.top_p, cfg.num_iterations, cfg.advantage,
                                 cfg.scale_rewards, cfg.mask_truncated_completions, seq_len,
-                                self.train.seed, cfg.dynamic_sampling, cfg.max_sampling_rounds)
+                                self.train.seed, cfg.dynamic_sampling, cfg.max_sampling_rounds,
+                                cfg.steps_per_generation)
 
     def make_sampler(graphdef, params):
       return Sampler(graphdef, params, tokenizer, eos_ids=stop_ids)
 
-    forward = jax.jit(lambda gd, p, b: token_logps_and_entropy(nnx.merge(gd, p), b)[0],
-                      static_argnums=0)
     source = RolloutSource(prompts_lib.PromptIterator(train_ex, self.data, pid, nproc),
                            make_sampler, cfg.resolved_rewards(), rollout_cfg,
-                           old_logps_fn=lambda gd, p, b: jax.device_get(forward(gd, p, b)))
+                           old_logps_fn=_old_logps_fn(ctx))
     held_out = prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc)
     budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
 
@@ -288,10 +313,11 @@ def grpo_stage(model: ModelConfig = gin.REQUIRED,
   `reference_from`: the KL reference when `GRPOConfig.beta > 0` (default: the start; with
   LoRA, the base with adapters off)."""
   chat.get_template(chat_template)
-  if train.grad_accum_steps > 1 and (data.prompts_per_step * grpo.num_generations
-                                     ) % train.grad_accum_steps:
-    raise ConfigError(f"grpo: prompts_per_step x num_generations = "
-                      f"{data.prompts_per_step * grpo.num_generations} rows do not split into "
-                      f"TrainConfig.grad_accum_steps={train.grad_accum_steps} microbatches")
+  rows = data.prompts_per_step * grpo.num_generations
+  if rows % (grpo.steps_per_generation * train.grad_accum_steps):
+    raise ConfigError(f"grpo: prompts_per_step x num_generations = {rows} rows do not split "
+                      f"into GRPOConfig.steps_per_generation={grpo.steps_per_generation} "
+                      f"minibatches of TrainConfig.grad_accum_steps={train.grad_accum_steps} "
+                      "microbatches each")
   return GRPO(model, data, train, optimizer, tokenizer, grpo, chat_template, init_from,
               reference_from, lora)

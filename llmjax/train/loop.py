@@ -399,8 +399,10 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   with _StopRequest() as stop:
     while step < train_cfg.total_steps:
       if param_driven:
-        batch = data_iter.next_batch(PolicyView(graphdefs[roles_lib.POLICY], policy_state(),
-                                                step))
+        # Rollouts are computed like the step: activations split over the batch axes.
+        with mesh_lib.activation_sharding(mesh, rules):
+          batch = data_iter.next_batch(PolicyView(graphdefs[roles_lib.POLICY], policy_state(),
+                                                  step))
       else:
         batch = next(data_iter)
       rows = len(next(iter(batch.values())))

@@ -48,22 +48,23 @@ def run(workdir, st, stop_after=None):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(ctx.outputs["grpo"].params))]
 
 
-@pytest.mark.parametrize("num_iterations,stop_at", [(1, 2), (2, 3)])
-def test_resume_is_exact(tmp_path, tokenizer_path, num_iterations, stop_at):
-  expected = run(tmp_path / "straight", stage(tokenizer_path, num_iterations=num_iterations))
-  run(tmp_path / "resumed", stage(tokenizer_path, num_iterations=num_iterations),
-      stop_after=stop_at)
-  resumed = run(tmp_path / "resumed", stage(tokenizer_path, num_iterations=num_iterations))
+@pytest.mark.parametrize("num_iterations,minibatches,stop_at", [(1, 1, 2), (2, 1, 3),
+                                                                 (1, 2, 3)])
+def test_resume_is_exact(tmp_path, tokenizer_path, num_iterations, minibatches, stop_at):
+  kw = dict(num_iterations=num_iterations, steps_per_generation=minibatches)
+  expected = run(tmp_path / "straight", stage(tokenizer_path, **kw))
+  run(tmp_path / "resumed", stage(tokenizer_path, **kw), stop_after=stop_at)
+  resumed = run(tmp_path / "resumed", stage(tokenizer_path, **kw))
   for a, b in zip(resumed, expected):
     np.testing.assert_array_equal(a, b)
   rows = [m for m in read_metrics(str(tmp_path / "straight")) if m["kind"] == "train"]
   assert [m["step"] for m in rows] == [1, 2, 3, 4]
   assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in rows)
-  # A rollout every num_iterations steps, and its metrics with the step that made it.
+  # A rollout every num_iterations x minibatches steps, its metrics with the step that made it.
   rollout_steps = [m["step"] for m in rows if "rollout_seconds" in m]
-  assert rollout_steps == list(range(1, 5, num_iterations))
+  assert rollout_steps == list(range(1, 5, num_iterations * minibatches))
   assert all("rewards/length_reward/mean" in m for m in rows if "rollout_seconds" in m)
-  if num_iterations == 1:  # on-policy: the ratio is exactly 1, nothing is clipped
+  if num_iterations * minibatches == 1:  # on-policy: the ratio is exactly 1, nothing clipped
     assert all(m["clip_ratio/region_mean"] == 0.0 for m in rows)
   # The sampler's log-probs are the training forward pass's (float32, same model).
   assert all(m["logprob_gap"] < 1e-4 for m in rows if "rollout_seconds" in m)
@@ -104,6 +105,37 @@ def test_rollouts_come_from_the_parameters_they_are_given(tokenizer_path):
   np.testing.assert_array_equal(a["tokens"], a_again["tokens"])  # same params, same samples
   assert not np.array_equal(a["tokens"], b["tokens"])  # new params, new samples
   assert a["tokens"].shape == (4, 16) and a["advantages"].shape == (4,)
+
+
+def test_minibatches_split_one_rollout_into_steps(tokenizer_path):
+  tokenizer = Tokenizer.load(tokenizer_path)
+  items = [{"prompt_ids": [tokenizer.bos_id, 10 + i, 11, 12], "answer": 3.0, "question": "q"}
+           for i in range(2)]
+  cfg = dict(num_generations=4, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
+             num_iterations=2, advantage="group", scale_rewards="group",
+             mask_truncated_completions=False, seq_len=16, seed=0)
+  graphdef, params = nnx.split(build_model(TEST_MODEL, seed=1))
+  forward = lambda gd, p, b: np.full(b["tokens"].shape, -1.5, np.float32)
+
+  def source(minibatches):
+    return RolloutSource(_Prompts(items), lambda gd, p: Sampler(gd, p, tokenizer),
+                         [Reward("len", length_reward)],
+                         RolloutConfig(**cfg, minibatches=minibatches), old_logps_fn=forward)
+  view = loop.PolicyView(graphdef, params, 0)
+  whole = source(1).next_batch(view)
+  split = source(2)
+  steps = [split.next_batch(view) for _ in range(4)]  # 2 minibatches x 2 passes
+  assert split.rollouts == 1  # one rollout fed all four steps
+  assert all(b["tokens"].shape == (4, 16) for b in steps)
+  # The two minibatches hold the rollout's rows (shuffled), each once, advantages and all.
+  rows = lambda b: sorted(map(tuple, np.column_stack([b["tokens"], b["advantages"]])))
+  merged = {k: np.concatenate([steps[0][k], steps[1][k]]) for k in ("tokens", "advantages")}
+  assert rows(merged) == rows(whole)
+  assert not np.array_equal(merged["tokens"], whole["tokens"])  # mixed across groups
+  for k in ("tokens", "advantages", "old_logps"):  # the second pass repeats the first
+    np.testing.assert_array_equal(steps[2][k], steps[0][k])
+  assert np.all(steps[0]["old_logps"] == -1.5)  # kept: the second minibatch is off-policy
+  assert [b["fresh"][0] for b in steps] == [1.0, 0.0, 0.0, 0.0]
 
 
 class _Cycle:
