@@ -1,8 +1,9 @@
-"""Prompt data for RL stages (GRPO): prompts with a verifiable numeric reference answer.
+"""Prompt data for RL stages: prompts with a verifiable numeric reference answer (GRPO), or
+prompts with an optional reference reply (PPO, where a reward model judges).
 
-Sources, all normalised to items `{"messages": [messages], "answer": float, "question": str}`
-(messages are `{role, content}`, see `llmjax.data.chat`; `question` is the last user
-message's text, for logs and reward functions):
+Sources, all normalised to items `{"messages": [messages], "answer": float | str | None,
+"question": str}` (messages are `{role, content}`, see `llmjax.data.chat`; `question` is the
+last user message's text, for logs and reward functions). Numeric answers (`NUMERIC_FORMATS`):
   * 'builtin': the synthetic world's multi-step word problems (`synthetic.reasoning_problems`)
     with a held-out eval split (eval-only phrasings and operand combinations);
   * 'gsm8k': GSM8K JSONL, `{"question": str, "answer": str}` where the answer's worked
@@ -10,6 +11,12 @@ message's text, for logs and reward functions):
   * 'jsonl': `{"prompt": str or [messages], "answer": str or number}`; a string prompt is one
     user message, a list must end with a user message; a string answer is a number
     (`1,200`, `-3`, `2.5`) or ends in `#### N`.
+Text answers:
+  * 'builtin_questions': the synthetic world's questions of the built-in preference pairs
+    (what the built-in reward model judges); the answer is the true reply's text and
+    `rejected` the plausible wrong one, for exact-match evals;
+  * 'prompt_only': `{"prompt": str or [messages]}` (TRL's prompt-only form), with an optional
+    string `answer` (the reply an exact-match eval expects).
 A line whose reference answer has no parsable number is counted and dropped, and a warning
 names the first few `file:line`s (a DataError when no line is usable). Malformed lines (bad
 JSON, missing or mistyped fields) are DataErrors naming `file:line` unless `skip_bad_lines`.
@@ -40,7 +47,8 @@ from llmjax.data.pipeline import as_paths
 from llmjax.data.sources import hold_out, read_jsonl_records
 from llmjax.errors import ConfigError, DataError
 
-FORMATS = ("builtin", "gsm8k", "jsonl")
+NUMERIC_FORMATS = ("builtin", "gsm8k", "jsonl")
+FORMATS = NUMERIC_FORMATS + ("builtin_questions", "prompt_only")
 OVERLONG_RULES = ("truncate", "drop")
 _SHOWN_PROBLEMS = 3  # unparsable answers named in the warning
 
@@ -55,8 +63,9 @@ class PromptDataConfig:
   """Where an RL stage's prompts come from and how they are served.
 
   Attributes:
-    format: 'builtin' (the synthetic world's word problems), 'gsm8k' or 'jsonl' (see the
-      module doc for the line forms).
+    format: 'builtin' (the synthetic world's word problems), 'gsm8k' or 'jsonl' (numeric
+      answers); 'builtin_questions' or 'prompt_only' (text answers, optional in the latter).
+      See the module doc for the line forms.
     train_paths, eval_paths: JSONL files or globs; with no eval_paths, `eval_examples`
       prompts of the training files are held out (a fixed selection, whatever the seed).
     system_prompt: rendered as a system message before every prompt that has none of its
@@ -67,7 +76,7 @@ class PromptDataConfig:
       question is) or 'drop'. Both are counted.
     prompts_per_step: B, the prompts of one step summed over processes (each is sampled
       G times by the stage); divisible by the process count.
-    builtin_train, builtin_eval: sizes of the built-in problem sets.
+    builtin_train, builtin_eval: sizes of the built-in problem (or question) sets.
     eval_examples: held-out prompts when there are no eval_paths (gsm8k, jsonl).
     eval_prompts: how many held-out prompts an evaluation uses (all processes together).
     seed: shuffling seed (each epoch reshuffles). num_epochs: None repeats forever.
@@ -109,7 +118,7 @@ class PromptDataConfig:
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ConfigError(f"{name}.num_epochs={self.num_epochs}: use None (repeat forever) or "
                         "a positive number")
-    if self.format != "builtin" and not self.train_paths:
+    if not self.format.startswith("builtin") and not self.train_paths:
       raise ConfigError(f"{name}.train_paths is empty: give JSONL files for "
                         f"format={self.format!r}")
 
@@ -190,6 +199,16 @@ def _generic_item(record: dict[str, Any], where: str) -> tuple[Item, str | float
   return {"messages": messages, "question": question}, answer
 
 
+def _prompt_only_item(record: dict[str, Any], where: str) -> tuple[Item, str | None]:
+  """(item, its optional text answer) of a `{prompt[, answer]}` record."""
+  answer = record.get("answer")
+  if answer is not None and not isinstance(answer, str):
+    raise DataError(f"{where}: 'answer' must be a string (the expected reply) when given, got "
+                    f"{type(answer).__name__}")
+  item, _ = _generic_item({"answer": "", **record}, where)
+  return item, answer
+
+
 def read_jsonl(paths: Sequence[str] | str, fmt: str, skip_bad_lines: bool = False
                ) -> tuple[list[Item], PromptStats]:
   """(items, stats) of GSM8K (`fmt='gsm8k'`) or `{prompt, answer}` (`'jsonl'`) files.
@@ -197,9 +216,9 @@ def read_jsonl(paths: Sequence[str] | str, fmt: str, skip_bad_lines: bool = Fals
   Malformed lines are DataErrors naming `file:line` unless `skip_bad_lines` (counted);
   lines whose reference answer has no number are counted, dropped and named in a warning.
   """
-  if fmt not in ("gsm8k", "jsonl"):
-    raise ConfigError(f"prompt JSONL format {fmt!r}: use 'gsm8k' or 'jsonl'")
-  parse = _gsm8k_item if fmt == "gsm8k" else _generic_item
+  if fmt not in ("gsm8k", "jsonl", "prompt_only"):
+    raise ConfigError(f"prompt JSONL format {fmt!r}: use 'gsm8k', 'jsonl' or 'prompt_only'")
+  parse = {"gsm8k": _gsm8k_item, "jsonl": _generic_item, "prompt_only": _prompt_only_item}[fmt]
   items: list[Item] = []
   stats = PromptStats()
   unparsable: list[str] = []
@@ -211,6 +230,9 @@ def read_jsonl(paths: Sequence[str] | str, fmt: str, skip_bad_lines: bool = Fals
   records, stats.skipped_lines = read_jsonl_records(
       paths, parse_object, config="PromptDataConfig", skip_bad_lines=skip_bad_lines)
   for where, (item, raw) in records:
+    if fmt == "prompt_only":
+      items.append({**item, "answer": raw})
+      continue
     if isinstance(raw, str):
       answer = _reference_number(raw)
     else:
@@ -242,11 +264,21 @@ def builtin_items(split: str, num: int | None = None, seed: int = 0) -> list[Ite
           for p in synthetic.reasoning_problems(split, num, seed)]
 
 
+def builtin_question_items(split: str, num: int, seed: int = 0) -> list[Item]:
+  """The built-in preference pairs' questions as items, the true reply as the answer."""
+  return [{"messages": [{"role": "user", "content": p["prompt"]}], "question": p["prompt"],
+           "answer": str(p["chosen"]), "rejected": str(p["rejected"])}
+          for p in synthetic.preference_pairs(split, num, seed)]
+
+
 def load_prompts(cfg: PromptDataConfig) -> tuple[list[Item], list[Item], PromptStats]:
   """(train, eval, stats) items for `cfg`; stats cover both splits' sources."""
   if cfg.format == "builtin":
     return (builtin_items("train", cfg.builtin_train, cfg.seed),
             builtin_items("eval", cfg.builtin_eval), PromptStats())
+  if cfg.format == "builtin_questions":
+    return (builtin_question_items("train", cfg.builtin_train, cfg.seed),
+            builtin_question_items("eval", cfg.builtin_eval), PromptStats())
   train, stats = read_jsonl(list(cfg.train_paths), cfg.format, cfg.skip_bad_lines)
   if cfg.eval_paths:
     evals, more = read_jsonl(list(cfg.eval_paths), cfg.format, cfg.skip_bad_lines)
@@ -269,8 +301,8 @@ def tokenize_prompts(items: Sequence[Item], tokenizer: Any, template: str,
   """Tokenized prompts and what fitting them into `max_prompt_tokens` did.
 
   Each example is `{"index": int (its position in the returned list), "prompt_ids":
-  list[int] (at most max_prompt_tokens; ends with the assistant header), "answer": float,
-  "question": str}`. Under 'truncate' the kept prefix is bos and the system turn, unless the
+  list[int] (at most max_prompt_tokens; ends with the assistant header), "answer": float, str
+  or None, "question": str}` (and the item's `rejected` reply, if it has one). Under 'truncate' the kept prefix is bos and the system turn, unless the
   system turn alone takes more than half the budget (then only bos).
   """
   stats = PromptStats()
@@ -292,8 +324,11 @@ def tokenize_prompts(items: Sequence[Item], tokenizer: Any, template: str,
           lead = system_len
       ids = ids[:lead] + ids[len(ids) - (budget - lead):]
       stats.truncated += 1
+    answer = item["answer"]
     out.append({"index": len(out), "prompt_ids": [int(i) for i in ids],
-                "answer": float(item["answer"]), "question": item["question"]})
+                "answer": float(answer) if isinstance(answer, (int, float)) else answer,
+                "question": item["question"],
+                **({"rejected": item["rejected"]} if "rejected" in item else {})})
   if not out:
     raise DataError(f"no prompt is left after tokenization ({stats.as_dict()}): raise "
                     "PromptDataConfig.max_prompt_tokens or use overlong='truncate'")
