@@ -1,8 +1,9 @@
 """The PPO math of RLHF as pure jax functions: token rewards, GAE, whitening, losses, KL control.
 
-Source: TRL v1.9.0 (tag commit 35def3e, 2026-07-21), the last release in our mirror that still
-ships the PPO trainer (TRL 1.16 no longer does): `trl/experimental/ppo/ppo_trainer.py`, whose
-last change is fd09025 (2026-06-30; identical at main f2cd577). `PPOTrainer.train` steps 3-6
+Source: TRL v1.9.0 (tag commit 35def3e, 2026-07-21), the newest release in our TRL mirror
+(which ends at main f2cd577, 1.10.0.dev0, where the file is unchanged), all of which ship the
+PPO trainer (TRL 1.16 no longer does): `trl/experimental/ppo/ppo_trainer.py`, last changed in
+fd09025 (2026-06-30). `PPOTrainer.train` steps 3-6
 ("Filter completion" to "compute advantages and returns") and the PPO update loop give
 `kl_penalty`, `token_rewards`, `gae`, `ppo_policy_loss` and `ppo_value_loss`; `masked_mean`,
 `masked_var` and `masked_whiten` follow the functions of those names, which at v1.9.0 live in
@@ -30,8 +31,9 @@ Where we deliberately differ from TRL:
   loss drops, and GAE bootstraps from it, so with lam < 1 the EOS token's advantage becomes
   r_L - V_L + gamma lam score + gamma (1 - lam) V_{L+1}, depending on the value head's guess for
   a state after the episode ended, instead of r_L + score - V_L. Here the value after the last
-  real token is 0 (the episode is over) and the value loss covers the real tokens only. With
-  gamma = lam = 1, or on completions filling the buffer, both give the same advantages.
+  real token is 0 (the episode is over), and the value loss is meant to get the same mask as
+  the policy loss. With gamma = lam = 1, or on completions filling the buffer, both give the
+  same advantages on the real tokens.
 - Reward whitening (`token_rewards(whiten=True)`) runs over the real tokens; TRL's over
   `~padding_mask_p1` includes the extra position.
 - `approxkl` (and the ratio statistics) are means over the real tokens; TRL's approxkl is

@@ -1,6 +1,6 @@
 """The PPO math against (a) the papers' formulas as plain numpy loops and (b) TRL's own code.
 
-(b) is TRL v1.9.0's `trl/experimental/ppo/ppo_trainer.py` (the last release shipping the PPO
+(b) is TRL v1.9.0's `trl/experimental/ppo/ppo_trainer.py` (TRL 1.16 no longer ships the PPO
 trainer), copied verbatim below and run in torch on random inputs: equal where `llmjax.rl.ppo`
 follows TRL, and pinned where it deliberately differs (the score's position).
 """
