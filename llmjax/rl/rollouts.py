@@ -1,5 +1,5 @@
-"""Rollouts for RL stages: prompts -> G completions each from the current policy -> rewards
--> advantages -> one training batch.
+"""Rollouts for RL stages: prompts -> G completions each from the current policy -> scores
+-> advantages -> training batches.
 
 `RolloutSource` is a `loop.BatchSource`: before every optimizer step the loop hands it the
 policy's current parameters (`PolicyView`). A rollout samples completions from them, shuffles
@@ -14,12 +14,18 @@ With several processes each one brings its own prompts and scores its own comple
 the sampling itself is one program over all processes' devices
 (`sampler.sample_per_process`); rollout metrics are averaged over processes.
 
-Batch layout (numpy, `[rows, seq]` unless noted; rows = prompts x G, prompt-major): `tokens`,
-`targets`, `positions`, `segment_ids` (1 on the sequence, 0 on padding), `loss_mask` (1 where
-the target is a completion token), `advantages` `[rows]`, `old_logps` (the sampling
-policy's per-token log-probs of the targets by the training forward pass; used when
-num_iterations > 1), `sampler_logps` (the sampler's own log-probs of them) and `fresh` `[rows]`
-(1 on the step that sampled the batch, when the parameters are still the sampler's).
+What a rollout's rows are trained with comes from its `finish` step: `GroupAdvantages`
+(GRPO/RLOO: the reward functions' totals turned into one advantage per completion) or the PPO
+stage's reward-model scoring, values and GAE (`llmjax.stages.ppo`).
+
+Batch layout (numpy, `[rows, seq]` unless noted; rows = prompts x G, prompt-major before the
+minibatch shuffle): `tokens`, `targets`, `positions`, `segment_ids` (1 on the sequence, 0 on
+padding), `loss_mask` (1 where the target is a completion token), `stopped` `[rows]` (the
+completion ended with a stop token), `sampler_logps` (the sampler's own log-probs of the
+targets), `fresh` `[rows]` (1 on the step that sampled the batch, when the parameters are
+still the sampler's), and what `finish` adds: for GRPO `advantages` `[rows]` and `old_logps`
+(the sampling policy's log-probs by the training forward pass; zeros while every step is
+on-policy).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import base64
 import dataclasses
 import inspect
 import io
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -135,17 +142,17 @@ def training_rows(prompts: Sequence[Sequence[int]], completions: np.ndarray,
           "segment_ids": segment_ids, "positions": positions, "sampler_logps": sampler_logps}
 
 
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """How completions are sampled and turned into advantages (see `stages.grpo.GRPOConfig`)."""
+  """How completions are sampled and how a rollout feeds steps (see `stages.grpo.GRPOConfig`)."""
   num_generations: int
   max_new_tokens: int
   temperature: float
   top_k: int
   top_p: float
   num_iterations: int
-  advantage: str  # 'group' | 'rloo'
-  scale_rewards: str
   mask_truncated_completions: bool
   seq_len: int
   seed: int
@@ -163,23 +170,74 @@ class RolloutConfig:
     return self.steps_per_rollout > 1
 
 
+class Finish:
+  """What a rollout's rows are trained with: adds arrays to the batch, returns metrics.
+
+  Called once per rollout with the sampling parameters (`view`), the scored groups and the
+  batch in its layout (see the module doc). State that evolves over the run (e.g. an adaptive
+  KL coefficient) goes in `get_state`/`set_state` (a JSON-able dict), saved with checkpoints.
+  """
+
+  def __call__(self, view: loop.PolicyView, groups: "Groups",
+               batch: dict[str, np.ndarray]) -> dict[str, float]:
+    raise NotImplementedError
+
+  def get_state(self) -> dict[str, float]:
+    return {}
+
+  def set_state(self, state: dict[str, float]) -> None:
+    del state
+
+
+class GroupAdvantages(Finish):
+  """GRPO's (or RLOO's) advantages from the reward functions' totals, one per completion, and
+  the sampling policy's log-probs when some step trains off-policy.
+
+  Args:
+    advantage: 'group' (reward - group mean, scaled by `scale_rewards`) or 'rloo'.
+    old_logps_fn: (graphdef, params, batch) -> `[rows, seq]` log-probs of the targets under
+      the sampling parameters, by the training forward pass (this process's rows); needed
+      when `needs_old_logps`.
+  """
+
+  def __init__(self, num_generations: int, advantage: str = "group",
+               scale_rewards: str = "group", needs_old_logps: bool = False,
+               old_logps_fn: Callable[[nnx.GraphDef, Any, dict], np.ndarray] | None = None):
+    if needs_old_logps and old_logps_fn is None:
+      raise ConfigError("training several steps on one rollout needs old_logps_fn")
+    self.g, self.advantage, self.scale = num_generations, advantage, scale_rewards
+    self.needs_old_logps, self.old_logps_fn = needs_old_logps, old_logps_fn
+
+  def __call__(self, view, groups, batch):
+    total = jnp.asarray(groups.scores["total"].reshape(-1))
+    if self.advantage == "rloo":
+      advantages = adv_lib.leave_one_out_advantages(total, self.g)
+    else:
+      advantages = adv_lib.group_advantages(total, self.g, scale=self.scale)
+    batch["advantages"] = np.asarray(advantages, np.float32)
+    batch["old_logps"] = np.zeros(batch["tokens"].shape, np.float32)
+    if self.needs_old_logps:
+      batch["old_logps"] = np.asarray(self.old_logps_fn(view.graphdef, view.params, batch),
+                                      np.float32)
+    return {}
+
+
 class RolloutSource(loop.BatchSource):
   """Training batches sampled from the live policy (see the module doc)."""
 
   def __init__(self, prompts: Any, make_sampler: Callable[[nnx.GraphDef, Any], Any],
-               rewards: Sequence[Reward], cfg: RolloutConfig,
-               old_logps_fn: Callable[[nnx.GraphDef, Any, dict], np.ndarray] | None = None):
+               rewards: Sequence[Reward], cfg: RolloutConfig, finish: Finish):
     """
     Args:
       prompts: an iterator of prompt groups with get_state()/set_state() (bytes): each
         `next()` gives this process's examples `{prompt_ids, answer, question}`.
       make_sampler: (graphdef, params) -> a `Sampler` over those parameters.
-      old_logps_fn: (graphdef, params, batch) -> `[rows, seq]` log-probs of the targets under
-        the sampling parameters, by the training forward pass (this process's rows); needed
-        when a rollout feeds more than one step.
+      rewards: reward functions scoring each completion on the host (none for PPO, whose
+        reward model scores on device in `finish`).
+      finish: adds what the rows are trained with (`GroupAdvantages`, or PPO's).
     """
     self.prompts, self.make_sampler, self.rewards, self.cfg = prompts, make_sampler, rewards, cfg
-    self.old_logps_fn = old_logps_fn
+    self.finish = finish
     self.rollouts = 0  # how many rollouts have been sampled
     self.batch: dict[str, np.ndarray] | None = None  # the rollout in use, rows shuffled
     self.uses = 0  # optimizer steps taken on it
@@ -192,7 +250,7 @@ class RolloutSource(loop.BatchSource):
     if self.batch is None or self.uses >= cfg.steps_per_rollout:
       self.batch = self._rollout(view)
       self.uses = 0
-    rows = len(self.batch["advantages"]) // cfg.minibatches
+    rows = len(self.batch["tokens"]) // cfg.minibatches
     part = slice(self.uses % cfg.minibatches * rows, (self.uses % cfg.minibatches + 1) * rows)
     self.uses += 1
     # `fresh`: the parameters are still those that sampled the batch (its first step).
@@ -212,8 +270,9 @@ class RolloutSource(loop.BatchSource):
   def get_state(self) -> bytes:
     buf = io.BytesIO()
     arrays = {f"batch/{k}": v for k, v in (self.batch or {}).items()}
+    finish = np.frombuffer(json.dumps(self.finish.get_state()).encode(), np.uint8)
     np.savez(buf, prompts=np.frombuffer(self.prompts.get_state(), np.uint8),
-             counters=np.asarray([self.rollouts, self.uses], np.int64), **arrays)
+             counters=np.asarray([self.rollouts, self.uses], np.int64), finish=finish, **arrays)
     # Text: grain's checkpoint handler stores a source's state as a UTF-8 string.
     return base64.b64encode(buf.getvalue())
 
@@ -221,12 +280,13 @@ class RolloutSource(loop.BatchSource):
     with np.load(io.BytesIO(base64.b64decode(state))) as saved:
       self.prompts.set_state(saved["prompts"].tobytes())
       self.rollouts, self.uses = (int(x) for x in saved["counters"])
+      self.finish.set_state(json.loads(saved["finish"].tobytes()))
       batch = {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith("batch/")}
     self.batch = batch or None
 
   # ---- One rollout ----
 
-  def _sample(self, sampler, items) -> "_Groups":
+  def _sample(self, sampler, items) -> "Groups":
     """G completions of each prompt of `items`, scored: one sampling round."""
     cfg = self.cfg
     # A fresh key per round, from the seed and the round count: resumable, never reused.
@@ -237,7 +297,7 @@ class RolloutSource(loop.BatchSource):
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                              seed=seed)
     scores = score(self.rewards, out.texts, out.lengths, items, cfg.max_new_tokens)
-    return _Groups(list(items), out.tokens, out.logprobs, out.lengths, out.stopped, scores)
+    return Groups(list(items), out.tokens, out.logprobs, out.lengths, out.stopped, scores)
 
   def _rollout(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
     cfg = self.cfg
@@ -259,44 +319,37 @@ class RolloutSource(loop.BatchSource):
         kept, spare = kept.concat(good), spare.concat(bad)
       groups = kept.concat(spare).take(wanted)
     sample_seconds = time.time() - start
-    total = groups.scores["total"].reshape(-1)
-    g = cfg.num_generations
-    if cfg.advantage == "rloo":
-      advantages = adv_lib.leave_one_out_advantages(jnp.asarray(total), g)
-    else:
-      advantages = adv_lib.group_advantages(jnp.asarray(total), g, scale=cfg.scale_rewards)
     batch = training_rows([it["prompt_ids"] for it in groups.items], groups.tokens,
                           groups.lengths, cfg.seq_len, groups.logprobs)
-    stopped = groups.stopped.reshape(-1)
+    batch["stopped"] = groups.stopped.reshape(-1).astype(np.float32)
     if cfg.mask_truncated_completions:
-      batch["loss_mask"] = batch["loss_mask"] * stopped[:, None].astype(np.int32)
-    batch["advantages"] = np.asarray(advantages, np.float32)
-    batch["old_logps"] = np.zeros(batch["tokens"].shape, np.float32)
-    if cfg.needs_old_logps:
-      batch["old_logps"] = np.asarray(self.old_logps_fn(view.graphdef, view.params, batch),
-                                      np.float32)
-    self._record(groups, first, rounds, sample_seconds)
+      batch["loss_mask"] = batch["loss_mask"] * batch["stopped"][:, None].astype(np.int32)
+    finish_start = time.time()
+    extra = self.finish(view, groups, batch)
+    self._record(groups, first, rounds, sample_seconds,
+                 {**extra, "rollout_score_seconds": time.time() - finish_start})
     if cfg.minibatches > 1:
       # Minibatches mix the groups (TRL shuffles too): advantages are already computed over
       # whole groups, and each slice sees a spread of prompts.
       order = np.random.default_rng([cfg.seed, self.rollouts, 1]).permutation(
-          len(batch["advantages"]))
+          len(batch["tokens"]))
       batch = {k: v[order] for k, v in batch.items()}
     return batch
 
-  def _record(self, groups: "_Groups", first: "_Groups", rounds: int,
-              sample_seconds: float) -> None:
+  def _record(self, groups: "Groups", first: "Groups", rounds: int,
+              sample_seconds: float, extra: dict[str, float]) -> None:
     total = groups.scores["total"].reshape(-1)
     lengths = groups.lengths.reshape(-1)
-    m = {"reward": float(total.mean()), "reward_std": float(total.std()),
-         # Of the first round: what the prompts give before dynamic sampling filters them.
-         "frac_zero_spread_groups": float(1.0 - first.spread().mean()),
-         "sampling_rounds": float(rounds),
+    m = {"sampling_rounds": float(rounds),
          "completion_length": float(lengths.mean()),
          "completion_length_max": float(lengths.max()),
          "truncated_fraction": float(1.0 - groups.stopped.mean()),
          "rollout_seconds": sample_seconds,
-         "rollout_tokens_per_sec": float(lengths.sum() / max(sample_seconds, 1e-9))}
+         "rollout_tokens_per_sec": float(lengths.sum() / max(sample_seconds, 1e-9)), **extra}
+    if self.rewards:
+      m.update({"reward": float(total.mean()), "reward_std": float(total.std()),
+                # Of the first round: what the prompts give before dynamic sampling.
+                "frac_zero_spread_groups": float(1.0 - first.spread().mean())})
     for r in self.rewards:
       m[f"rewards/{r.label}/mean"] = float(groups.scores[r.label].mean())
       m[f"rewards/{r.label}/std"] = float(groups.scores[r.label].std())
@@ -305,7 +358,7 @@ class RolloutSource(loop.BatchSource):
 
 
 @dataclasses.dataclass
-class _Groups:
+class Groups:
   """Prompts with their G scored completions each (arrays `[prompts, G, ...]`)."""
   items: list[dict[str, Any]]
   tokens: np.ndarray
@@ -320,20 +373,20 @@ class _Groups:
     return ~np.asarray(adv_lib.zero_spread_groups(jnp.asarray(total.reshape(-1)),
                                                   total.shape[1]))
 
-  def _select(self, idx: np.ndarray) -> "_Groups":
-    return _Groups([self.items[i] for i in idx], self.tokens[idx], self.logprobs[idx],
+  def _select(self, idx: np.ndarray) -> "Groups":
+    return Groups([self.items[i] for i in idx], self.tokens[idx], self.logprobs[idx],
                    self.lengths[idx], self.stopped[idx],
                    {k: v[idx] for k, v in self.scores.items()})
 
-  def split(self, mask: np.ndarray) -> tuple["_Groups", "_Groups"]:
+  def split(self, mask: np.ndarray) -> tuple["Groups", "Groups"]:
     return self._select(np.flatnonzero(mask)), self._select(np.flatnonzero(~mask))
 
-  def take(self, n: int) -> "_Groups":
+  def take(self, n: int) -> "Groups":
     return self._select(np.arange(n))
 
-  def concat(self, other: "_Groups") -> "_Groups":
+  def concat(self, other: "Groups") -> "Groups":
     cat = lambda a, b: np.concatenate([a, b])
-    return _Groups(self.items + other.items, cat(self.tokens, other.tokens),
+    return Groups(self.items + other.items, cat(self.tokens, other.tokens),
                    cat(self.logprobs, other.logprobs), cat(self.lengths, other.lengths),
                    cat(self.stopped, other.stopped),
                    {k: cat(v, other.scores[k]) for k, v in self.scores.items()})

@@ -36,7 +36,7 @@ from llmjax.parallel import distributed, mesh as mesh_lib
 from llmjax.rl import advantages as adv_lib
 from llmjax.rl.policy_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
 from llmjax.rl.rewards import math_answer
-from llmjax.rl.rollouts import Reward, RolloutConfig, RolloutSource
+from llmjax.rl.rollouts import GroupAdvantages, Reward, RolloutConfig, RolloutSource
 from llmjax.runs.load import has_checkpoint
 from llmjax.sample.sampler import Sampler, sample_per_process
 from llmjax.stages.context import RunContext, TokenizerConfig
@@ -261,9 +261,9 @@ class GRPO:
     pid, nproc = jax.process_index(), jax.process_count()
     seq_len = self.data.max_prompt_tokens + cfg.max_new_tokens
     rollout_cfg = RolloutConfig(cfg.num_generations, cfg.max_new_tokens, cfg.temperature,
-                                cfg.top_k, cfg.top_p, cfg.num_iterations, cfg.advantage,
-                                cfg.scale_rewards, cfg.mask_truncated_completions, seq_len,
-                                self.train.seed, cfg.dynamic_sampling, cfg.max_sampling_rounds,
+                                cfg.top_k, cfg.top_p, cfg.num_iterations,
+                                cfg.mask_truncated_completions, seq_len, self.train.seed,
+                                cfg.dynamic_sampling, cfg.max_sampling_rounds,
                                 cfg.steps_per_generation)
 
     def make_sampler(graphdef, params):
@@ -271,7 +271,9 @@ class GRPO:
 
     source = RolloutSource(prompts_lib.PromptIterator(train_ex, self.data, pid, nproc),
                            make_sampler, cfg.resolved_rewards(), rollout_cfg,
-                           old_logps_fn=_old_logps_fn(ctx))
+                           GroupAdvantages(cfg.num_generations, cfg.advantage,
+                                           cfg.scale_rewards, cfg.needs_old_logps,
+                                           _old_logps_fn(ctx)))
     held_out = prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc)
     budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
 

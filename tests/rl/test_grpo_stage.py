@@ -12,7 +12,8 @@ from llmjax.data.tokenizer import Tokenizer
 from llmjax.errors import ConfigError
 from llmjax.metrics import read_metrics
 from llmjax.model.transformer import build_model
-from llmjax.rl.rollouts import Reward, RewardError, RolloutConfig, RolloutSource, training_rows
+from llmjax.rl.rollouts import (GroupAdvantages, Reward, RewardError, RolloutConfig,
+                                 RolloutSource, training_rows)
 from llmjax.sample.sampler import Sampler
 from llmjax.stages import RunContext, run_stages
 from llmjax.stages.context import TokenizerConfig
@@ -92,14 +93,13 @@ def test_rollouts_come_from_the_parameters_they_are_given(tokenizer_path):
   tokenizer = Tokenizer.load(tokenizer_path)
   items = [{"prompt_ids": [tokenizer.bos_id, 10, 11, 12], "answer": 3.0, "question": "q"}]
   cfg = RolloutConfig(num_generations=4, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
-                      num_iterations=1, advantage="group", scale_rewards="group",
-                      mask_truncated_completions=False, seq_len=16, seed=0)
+                      num_iterations=1, mask_truncated_completions=False, seq_len=16, seed=0)
   graphdef, params_a = nnx.split(build_model(TEST_MODEL, seed=1))
   params_b = nnx.state(build_model(TEST_MODEL, seed=2))
 
   def batch(params):
     source = RolloutSource(_Prompts(items), lambda gd, p: Sampler(gd, p, tokenizer),
-                           [Reward("len", length_reward)], cfg)
+                           [Reward("len", length_reward)], cfg, GroupAdvantages(4))
     return source.next_batch(loop.PolicyView(graphdef, params, 0))
   a, a_again, b = batch(params_a), batch(params_a), batch(params_b)
   np.testing.assert_array_equal(a["tokens"], a_again["tokens"])  # same params, same samples
@@ -112,15 +112,15 @@ def test_minibatches_split_one_rollout_into_steps(tokenizer_path):
   items = [{"prompt_ids": [tokenizer.bos_id, 10 + i, 11, 12], "answer": 3.0, "question": "q"}
            for i in range(2)]
   cfg = dict(num_generations=4, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
-             num_iterations=2, advantage="group", scale_rewards="group",
-             mask_truncated_completions=False, seq_len=16, seed=0)
+             num_iterations=2, mask_truncated_completions=False, seq_len=16, seed=0)
   graphdef, params = nnx.split(build_model(TEST_MODEL, seed=1))
   forward = lambda gd, p, b: np.full(b["tokens"].shape, -1.5, np.float32)
 
   def source(minibatches):
     return RolloutSource(_Prompts(items), lambda gd, p: Sampler(gd, p, tokenizer),
                          [Reward("len", length_reward)],
-                         RolloutConfig(**cfg, minibatches=minibatches), old_logps_fn=forward)
+                         RolloutConfig(**cfg, minibatches=minibatches),
+                         GroupAdvantages(4, needs_old_logps=True, old_logps_fn=forward))
   view = loop.PolicyView(graphdef, params, 0)
   whole = source(1).next_batch(view)
   split = source(2)
@@ -164,12 +164,11 @@ def test_dynamic_sampling_replaces_groups_without_a_spread(tokenizer_path):
     return 1.0 if reference == 1.0 else float(len(completion))  # flat: no spread
   graphdef, params = nnx.split(build_model(TEST_MODEL, seed=1))
   cfg = dict(num_generations=4, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0,
-             num_iterations=1, advantage="group", scale_rewards="group",
-             mask_truncated_completions=False, seq_len=16, seed=0)
+             num_iterations=1, mask_truncated_completions=False, seq_len=16, seed=0)
   for dynamic, expected_rounds in ((False, 1), (True, 2)):
     source = RolloutSource(_Cycle([[flat, varied], [varied, flat]]),
                            lambda gd, p: Sampler(gd, p, tokenizer), [Reward("r", reward)],
-                           RolloutConfig(**cfg, dynamic_sampling=dynamic))
+                           RolloutConfig(**cfg, dynamic_sampling=dynamic), GroupAdvantages(4))
     batch = source.next_batch(loop.PolicyView(graphdef, params, 0))
     metrics = source.metrics()
     groups = np.abs(batch["advantages"]).reshape(2, 4).sum(-1)
