@@ -1,19 +1,21 @@
 """Preference losses as pure jax functions, defined as TRL defines them.
 
-Source: TRL's main branch at commit f2cd577 (2026-07-24, version 1.10.0.dev0, after the v1.9.0
-release; no later TRL was available to read): `trl/trainer/dpo_trainer.py` (`_compute_loss`),
-`trl/experimental/cpo/cpo_trainer.py` (`cpo_loss`), `trl/experimental/orpo/orpo_trainer.py`
-(`odds_ratio_loss`) and `trl/trainer/reward_trainer.py` (`compute_loss`).
+Source: TRL 1.16.0 (the release wheel): `trl/trainer/dpo_trainer.py` (`DPOTrainer._compute_loss`
+and the loss-type checks in `DPOTrainer.__init__`), `trl/experimental/cpo/cpo_trainer.py`
+(`CPOTrainer.cpo_loss`), `trl/experimental/orpo/orpo_trainer.py` (`ORPOTrainer.odds_ratio_loss`)
+and `trl/trainer/reward_trainer.py` (`RewardTrainer.compute_loss`); checked against that code in
+`tests/preference/test_trl116_dpo.py`. TRL 1.16 changed two things since 1.10: the
+f-divergence scores keep f'(t)'s constants (they matter where the scores are divided by
+lengths: ipo, sigmoid_norm), and a non-default f_divergence_type is rejected for the loss types
+not built on the chosen-rejected score difference (nca_pair, bco_pair, sppo_hard, aot,
+aot_unpaired, apo_zero, apo_down use the plain log-ratios). Not ported: LD-DPO's `ld_alpha`
+(a per-token weighting of the logps, the caller's business), CPO's sigmoid/hinge/ipo loss types
+without a reference (SimPO with gamma = 0 is CPO's sigmoid).
 
-Every function returns one loss per pair, `[batch]`, whose mean is TRL's batch loss (TRL
-means over the batch, then adds the `loss_weights`-weighted types). Inputs are per-sequence
-log-probabilities `[batch]` and are computed in float32. Config arguments (`beta`,
-`label_smoothing`, ...) are Python numbers, checked before anything is traced.
-
-One deliberate difference: TRL >= 0.29 ignores `label_smoothing` for `loss_type='sigmoid'`;
-here it is the conservative DPO (cDPO) smoothing that TRL <= 0.28 applied, so
-`label_smoothing=0` (the default) gives TRL 1.x's numbers and a non-zero value is not
-silently dropped. Elsewhere the numbers differ only where TRL's overflow to inf/NaN (discopop
+One deliberate difference: TRL >= 0.29 (1.16 included) ignores `label_smoothing` for
+`loss_type='sigmoid'`; here it is the conservative DPO (cDPO) smoothing that TRL <= 0.28
+applied, so `label_smoothing=0` (the default) gives TRL 1.16's numbers and a non-zero value is
+not silently dropped. Elsewhere the numbers differ only where TRL's overflow to inf/NaN (discopop
 at very negative margins, ORPO at an average logp of 0), and settings TRL ignores or rejects
 later (label_smoothing on types that do not use it) raise ConfigError.
 """
@@ -32,6 +34,10 @@ LOSS_TYPES: tuple[str, ...] = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCE_TYPES: tuple[str, ...] = (
     "reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The loss types a non-default f-divergence applies to (TRL 1.16): f-DPO's reparameterisation
+# leaves a beta log Z(x) term that cancels only in the chosen-rejected score difference.
+F_DIVERGENCE_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 # label_smoothing is the label-flip probability for these (cDPO / Robust DPO): at 0.5 the
 # labels carry no information and robust divides by zero.
@@ -85,22 +91,24 @@ def f_divergence_scores(chosen_logratios: jax.Array, rejected_logratios: jax.Arr
   """Scores f'(pi/pi_ref) that replace the log-ratios under an f-divergence regulariser.
 
   "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence
-  Constraints" (arXiv:2309.16240). With u = logp - ref_logp `[batch]`, constants dropped:
-  reverse_kl u; forward_kl -exp(-u); js_divergence log sigmoid(u); alpha_divergence
-  exp((a - 1) u) / (a - 1), which is u again at a = 1 (|a - 1| < 1e-6, as TRL).
+  Constraints" (arXiv:2309.16240). With u = logp - ref_logp `[batch]` and t = exp(u), as TRL 1.16
+  (constants kept): reverse_kl u (= log t); forward_kl 1 - exp(-u) (= 1 - 1/t); js_divergence
+  log 2 + log sigmoid(u) (= log(2t / (1 + t))); alpha_divergence (exp((a - 1) u) - 1) / (a - 1)
+  (= (t^(a-1) - 1) / (a - 1)), which is u again at a = 1 (|a - 1| < 1e-6, as TRL).
   """
   if f_divergence_type == "reverse_kl":
     return chosen_logratios, rejected_logratios
   if f_divergence_type == "forward_kl":
-    return -jnp.exp(-chosen_logratios), -jnp.exp(-rejected_logratios)
+    return -jnp.expm1(-chosen_logratios), -jnp.expm1(-rejected_logratios)
   if f_divergence_type == "js_divergence":
-    return jax.nn.log_sigmoid(chosen_logratios), jax.nn.log_sigmoid(rejected_logratios)
+    score = lambda u: 0.6931471805599453 + jax.nn.log_sigmoid(u)  # log 2 + log sig(u)
+    return score(chosen_logratios), score(rejected_logratios)
   if f_divergence_type == "alpha_divergence":
     a = f_alpha_divergence_coef
     if abs(a - 1.0) < 1e-6:
       return chosen_logratios, rejected_logratios
     # TRL's float32 cap on the exponent, so exp() stays finite.
-    score = lambda u: jnp.exp(jnp.minimum((a - 1.0) * u, 80.0)) / (a - 1.0)
+    score = lambda u: jnp.expm1(jnp.minimum((a - 1.0) * u, 80.0)) / (a - 1.0)
     return score(chosen_logratios), score(rejected_logratios)
   raise ConfigError(f"f_divergence_type {f_divergence_type!r} is unknown; use one of "
                     f"{F_DIVERGENCE_TYPES}.")
@@ -126,7 +134,7 @@ def wpo_weights(token_logps: jax.Array, logits: jax.Array, completion_mask: jax.
 def _check_dpo_args(loss_types: tuple[str, ...], loss_weights: Sequence[float] | None,
                     beta: float, label_smoothing: float, chosen_lengths: jax.Array | None,
                     rejected_lengths: jax.Array | None, discopop_tau: float,
-                    pair_weights: jax.Array | None) -> list[float]:
+                    pair_weights: jax.Array | None, f_divergence_type: str) -> list[float]:
   """Raises ConfigError for a bad `dpo_loss` configuration; returns one weight per loss type."""
   fn = "dpo_loss"
   if not loss_types:
@@ -158,6 +166,15 @@ def _check_dpo_args(loss_types: tuple[str, ...], loss_weights: Sequence[float] |
   if "discopop" in loss_types and not discopop_tau > 0:
     raise ConfigError(f"{fn}: discopop_tau must be > 0, got {discopop_tau}; the DiscoPOP paper "
                       f"uses 0.05.")
+  if f_divergence_type not in F_DIVERGENCE_TYPES:
+    raise ConfigError(f"{fn}: f_divergence_type {f_divergence_type!r} is unknown; use one of "
+                      f"{F_DIVERGENCE_TYPES}.")
+  other = [t for t in loss_types if t not in F_DIVERGENCE_LOSS_TYPES]
+  if f_divergence_type != "reverse_kl" and other:
+    raise ConfigError(f"{fn}: f_divergence_type={f_divergence_type!r} applies only to loss types "
+                      f"{F_DIVERGENCE_LOSS_TYPES} (their log Z(x) term cancels in the chosen - "
+                      f"rejected difference), not {other}; use f_divergence_type='reverse_kl' "
+                      f"with those, as TRL 1.16 requires.")
   if pair_weights is not None and set(loss_types) & set(_SORTED):
     raise ConfigError(f"{fn}: pair_weights cannot be used with {_SORTED}: those losses sort the "
                       f"batch, so a pair's weight would land on another pair. Drop one of them.")
@@ -184,13 +201,14 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
       by ipo and sigmoid_norm (both) and sft (chosen).
     loss_weights: one float per loss type; default all 1.0.
     discopop_tau: DiscoPOP's temperature.
-    f_divergence_type, f_alpha_divergence_coef: see `f_divergence_scores`.
+    f_divergence_type, f_alpha_divergence_coef: see `f_divergence_scores`; a non-default
+      type only with the `F_DIVERGENCE_LOSS_TYPES`.
     pair_weights: `[batch]` multiplier on every type's per-pair loss: TRL's `use_weighting`
       with `wpo_weights(chosen) * wpo_weights(rejected)`.
 
   Notation: u_c = logp_c - ref_c, u_r = logp_r - ref_r, s = the f-divergence scores of u
-  (s = u for the default reverse_kl), d = s_c - s_r, L = lengths, sig = sigmoid, eps =
-  label_smoothing. Per type:
+  (s = u for the default reverse_kl, the only choice for the types written with u), d =
+  s_c - s_r, L = lengths, sig = sigmoid, eps = label_smoothing. Per type:
 
   - sigmoid, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"
     (arXiv:2305.18290); with eps, cDPO (E. Mitchell, "A note on DPO with noisy preferences &
@@ -203,21 +221,21 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
     (arXiv:2402.00856), Eq. 16: sig(beta d)(log sig(beta d) - log(1-eps))
     + sig(-beta d)(log sig(-beta d) - log eps).
   - nca_pair, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
-    (arXiv:2402.05369): -log sig(beta s_c) - 0.5 log sig(-beta s_c) - 0.5 log sig(-beta s_r).
+    (arXiv:2402.05369): -log sig(beta u_c) - 0.5 log sig(-beta u_c) - 0.5 log sig(-beta u_r).
   - robust, "Provably Robust DPO: Aligning Language Models with Noisy Feedback"
     (arXiv:2403.00409): (-(1-eps) log sig(beta d) + eps log sig(-beta d)) / (1 - 2 eps).
   - bco_pair, "Binary Classifier Optimization for Large Language Model Alignment"
-    (arXiv:2404.04656): -log sig(beta s_c) - log sig(-beta s_r). TRL 1.x dropped the running
+    (arXiv:2404.04656): -log sig(beta u_c) - log sig(-beta u_r). TRL 1.x dropped the running
     reward mean of older versions, so there is no delta here.
   - sppo_hard, "Self-Play Preference Optimization for Language Model Alignment"
-    (arXiv:2405.00675), hard labels: (s_c - 1/(2 beta))^2 + (s_r + 1/(2 beta))^2.
+    (arXiv:2405.00675), hard labels: (u_c - 1/(2 beta))^2 + (u_r + 1/(2 beta))^2.
   - aot / aot_unpaired, "Distributional Preference Alignment of LLMs via Optimal Transport"
     (arXiv:2406.05882): the smoothed sigmoid on beta * x with x = sort(logp_c - logp_r) -
     sort(ref_c - ref_r) (aot), or x = sort(u_c) - sort(u_r) (aot_unpaired); sorted over the
     batch, so pair i's loss is the i-th quantile's, not pair i's own.
   - apo_zero / apo_down, "Anchored Preference Optimization and Contrastive Revisions"
     (arXiv:2408.06266), Eqs. 7 and 8: apo_zero 1 - sig(beta u_c) + sig(beta u_r); apo_down
-    sig(beta u_c) + 1 - sig(beta d).
+    sig(beta u_c) + 1 - sig(beta (u_c - u_r)).
   - discopop, "Discovering Preference Optimization Algorithms with and for Large Language
     Models" (arXiv:2406.08414), Eq. 5, with l = beta d and m = sig(l / tau):
     -log sig(l) (1 - m) + exp(-l) m.
@@ -230,7 +248,7 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
   """
   loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
   weights = _check_dpo_args(loss_types, loss_weights, beta, label_smoothing, chosen_lengths,
-                            rejected_lengths, discopop_tau, pair_weights)
+                            rejected_lengths, discopop_tau, pair_weights, f_divergence_type)
   logp_c, logp_r = _f32(chosen_logps), _f32(rejected_logps)
   ref_c, ref_r = _f32(ref_chosen_logps), _f32(ref_rejected_logps)
   u_c, u_r = logp_c - ref_c, logp_r - ref_r
@@ -253,13 +271,13 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
       return (jax.nn.sigmoid(z) * (log_sig(z) - jnp.log1p(-eps))
               + jax.nn.sigmoid(-z) * (log_sig(-z) - jnp.log(eps)))
     if t == "nca_pair":
-      return -log_sig(beta * s_c) - 0.5 * log_sig(-beta * s_c) - 0.5 * log_sig(-beta * s_r)
+      return -log_sig(beta * u_c) - 0.5 * log_sig(-beta * u_c) - 0.5 * log_sig(-beta * u_r)
     if t == "robust":
       return (-(1.0 - eps) * log_sig(beta * d) + eps * log_sig(-beta * d)) / (1.0 - 2.0 * eps)
     if t == "bco_pair":
-      return -log_sig(beta * s_c) - log_sig(-beta * s_r)
+      return -log_sig(beta * u_c) - log_sig(-beta * u_r)
     if t == "sppo_hard":
-      return (s_c - 0.5 / beta) ** 2 + (s_r + 0.5 / beta) ** 2
+      return (u_c - 0.5 / beta) ** 2 + (u_r + 0.5 / beta) ** 2
     if t == "aot":
       return _smoothed_sigmoid(beta * (jnp.sort(logp_c - logp_r) - jnp.sort(ref_c - ref_r)), eps)
     if t == "aot_unpaired":
@@ -267,7 +285,7 @@ def dpo_loss(chosen_logps: jax.Array, rejected_logps: jax.Array, ref_chosen_logp
     if t == "apo_zero":
       return jax.nn.sigmoid(-beta * u_c) + jax.nn.sigmoid(beta * u_r)
     if t == "apo_down":
-      return jax.nn.sigmoid(beta * u_c) + jax.nn.sigmoid(-beta * d)
+      return jax.nn.sigmoid(beta * u_c) + jax.nn.sigmoid(-beta * (u_c - u_r))
     if t == "discopop":
       z = beta * d
       m = jax.nn.sigmoid(z / discopop_tau)

@@ -1,9 +1,12 @@
 """Advantages from per-completion rewards, as pure jax functions defined as TRL defines them.
 
-Source: TRL's main branch at commit f2cd577 (2026-07-24, version 1.10.0.dev0):
-`trl/trainer/grpo_trainer.py` (`_generate_and_score_completions`, the `sum_then_normalize`
-path), `trl/trainer/rloo_trainer.py` (the leave-one-out baseline) and `nanstd` in
-`trl/trainer/utils.py`.
+Source: TRL 1.16.0 (the release wheel): `trl/trainer/grpo_trainer.py`
+(`GRPOTrainer._generate_and_score_completions`, the `sum_then_normalize` path),
+`trl/trainer/rloo_trainer.py` (`RLOOTrainer._generate_and_score_completions`, the leave-one-out
+baseline) and `nanstd` in `trl/trainer/utils.py`; checked against that code in
+`tests/rl/test_trl116_grpo.py`. Not ported: GRPO's `normalize_then_sum` multi-reward
+aggregation, RLOO's `normalize_advantages` and `reward_clip_range`, and RLOO's KL-in-reward
+(beta > 0; TRL's RLOO default beta is 0.05, here the KL is the policy loss's k3 term).
 
 Rewards are `[n]` with n = n_prompts * group_size, prompt-major: the group_size completions of
 prompt 0 first, then those of prompt 1, ... A NaN reward marks a completion no reward function
@@ -126,7 +129,8 @@ def zero_spread_groups(rewards: jax.Array, group_size: int, *, atol: float = 1e-
   dilutes the batch: DAPO's dynamic sampling ("DAPO: An Open-Source LLM Reinforcement Learning
   System at Scale" (arXiv:2503.14476), Eq. (11), 0 < |{correct}| < G) drops these groups and
   samples more prompts. TRL logs their fraction as `frac_reward_zero_std`. NaN rewards are
-  ignored; a group with no scorable reward counts as zero-spread.
+  ignored; a group with fewer than 2 scorable rewards counts as zero-spread (it has no signal;
+  TRL's metric, isclose(nanstd, 0), does not count it, its std being NaN).
 
   Args:
     rewards: `[n_prompts * group_size]`, prompt-major.

@@ -1,10 +1,11 @@
 """The GRPO policy loss family as pure jax functions, defined as TRL defines them.
 
-Source: TRL's main branch at commit f2cd577 (2026-07-24, version 1.10.0.dev0, after v1.9.0):
-`trl/trainer/grpo_trainer.py` (`GRPOTrainer._compute_loss`, the truncation mask in
-`_generate_and_score_completions`), `trl/trainer/grpo_config.py` (defaults: epsilon 0.2,
-epsilon_high = epsilon, beta 0.0, importance_sampling_level 'token'; TRL's default loss_type is
-'dapo') and `trl/rewards/other_rewards.py` (`get_soft_overlong_punishment`).
+Source: TRL 1.16.0 (the release wheel): `trl/trainer/grpo_trainer.py` (`GRPOTrainer._compute_loss`,
+the truncation mask in `_generate_and_score_completions`), `trl/trainer/grpo_config.py`
+(defaults: epsilon 0.2, epsilon_high = epsilon, beta 0.0, importance_sampling_level 'token',
+use_bias_correction_kl True; TRL's default loss_type is 'dapo') and
+`trl/rewards/other_rewards.py` (`get_soft_overlong_punishment`). Checked against those functions'
+own code in `tests/rl/test_trl116_grpo.py`.
 
 Inputs are per completion token, `[n, t]`: the policy's log-probabilities `logps` (the only
 input gradients flow through), those of the policy that sampled the completions `old_logps`
@@ -13,11 +14,12 @@ advantages are per completion, `[n]`. Everything is computed in float32.
 
 `policy_loss` returns the loss of one micro-batch. TRL divides grpo/bnpo/dr_grpo by the number
 of gradient-accumulation steps afterwards (the trainer's business, not the loss's); dapo
-instead divides by the token count of the whole accumulated batch, which is
+instead divides by the completion-token count of one optimiser step (TRL 1.16: the generation
+batch's count / num_processes * gradient_accumulation_steps / steps_per_generation), which is
 `num_items_in_batch` here (default: this batch's token count, the single-process,
 no-accumulation form). Not ported: TRL's cispo, sapo, luspo and vespo loss types, the
-off-policy mask, entropy masking, the vLLM importance-sampling correction and
-`use_bias_correction_kl`.
+off-policy mask, entropy masking (top_entropy_quantile), the entropy bonus (entropy_coef) and
+the vLLM importance-sampling correction.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, m
                 ref_logps: jax.Array | None = None, importance_sampling_level: str = "token",
                 max_completion_length: int | None = None, delta: float | None = None,
                 num_items_in_batch: jax.Array | float | None = None,
-                entropies: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                entropies: jax.Array | None = None,
+                use_bias_correction_kl: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The clipped policy-gradient loss of TRL's `GRPOTrainer` and its metrics.
 
   Args:
@@ -136,17 +139,24 @@ def policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, m
       Globally Decentralized Reinforcement Learning", arXiv:2505.07291): the unclipped ratio is
       also capped at delta, bounding the loss of negative-advantage tokens; None = off.
     num_items_in_batch: dapo only: the completion-token count of the whole accumulated batch
-      (all micro-batches of one optimiser step; over processes, TRL's count / num_processes)
-      so that summing the micro-batch losses gives a token mean over the step; default this
-      batch's `mask.sum()`.
+      (all micro-batches of one optimiser step; over processes, per process) so that summing
+      the micro-batch losses gives a token mean over the step; default this batch's
+      `mask.sum()`. (TRL 1.16 passes the generation batch's count / num_processes rescaled by
+      gradient_accumulation_steps / steps_per_generation: the mean count per optimiser step.)
     entropies: optional `[n, t]` per-token policy entropies, only logged (metric 'entropy').
+    use_bias_correction_kl: multiply the k3 KL by the (unclipped, differentiable) ratio r_it,
+      so its gradient is the unbiased reverse-KL gradient also for off-policy tokens
+      ("DeepSeek-V3.2", arXiv:2512.02556). TRL 1.16's default (it was off before 1.16). Its
+      value is unchanged on-policy (r = 1), its gradient is not: d(r k3) = d k3 + k3 d logp.
 
   With r_it the ratio (exp(logp - old_logp), or the GSPO s_i on every token),
   clip(r) = clip(r, 1 - epsilon, 1 + epsilon_high), m the mask, T_i = sum_t m_it (clamped at 1
   like every count here), the per-token loss is (PPO, arXiv:1707.06347, Eq. (7); GRPO,
   arXiv:2402.03300, Eq. (3))
 
-    l_it = -min(r_it A_i, clip(r_it) A_i) + beta k3_it
+    l_it = -min(r_it A_i, clip(r_it) A_i) + beta w_it k3_it
+
+  with w_it = r_it under use_bias_correction_kl (before the delta cap), else 1.
 
   and the loss aggregates it as loss_type says:
 
@@ -164,7 +174,7 @@ def policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, m
     the clip stops), 'clip_ratio/high_mean' (r > 1 + epsilon_high and A > 0),
     'clip_ratio/region_mean' (either), 'clip_ratio/low_min' and 'clip_ratio/high_max' (the
     smallest / largest per-completion clipped fraction; completions with no tokens are
-    skipped), 'kl' (token mean of k3, when beta > 0) and 'entropy' (token mean, when
+    skipped), 'kl' (token mean of w k3, when beta > 0) and 'entropy' (token mean, when
     entropies are given). At the sequence level the clip fractions count completions, not
     tokens, as TRL does.
   """
@@ -187,12 +197,16 @@ def policy_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array, m
     # `[n, 1]`: one GSPO ratio per completion, broadcast over its tokens below.
     log_weights = ((log_ratio * mask).sum(-1) / jnp.maximum(lengths, _MIN_COUNT))[:, None]
   ratio = jnp.exp(log_weights)
+  if beta > 0.0:
+    per_token_kl = k3_kl(logps, jax.lax.stop_gradient(_f32(ref_logps)))
+    if use_bias_correction_kl:
+      # The ratio before the delta cap, and not gradient-stopped, as TRL's coef_1.
+      per_token_kl = per_token_kl * ratio
   clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
   if delta is not None:
     ratio = jnp.minimum(ratio, delta)
   per_token_loss = -jnp.minimum(ratio * advantages, clipped * advantages)
   if beta > 0.0:
-    per_token_kl = k3_kl(logps, jax.lax.stop_gradient(_f32(ref_logps)))
     per_token_loss = per_token_loss + beta * per_token_kl
   per_token_loss = jnp.broadcast_to(per_token_loss, mask.shape)
 

@@ -33,8 +33,9 @@ def k3(logp, ref):
   return math.exp(d) - d - 1
 
 
-def token_losses(level="token", eps_high=EPS_HIGH, beta=0.0):
-  """Per-token losses l_it (padding included, as a list of rows)."""
+def token_losses(level="token", eps_high=EPS_HIGH, beta=0.0, bias_correction=True):
+  """Per-token losses l_it (padding included, as a list of rows); with bias_correction (TRL
+  1.16's use_bias_correction_kl) the KL is weighted by the token's (or GSPO's) ratio."""
   rows = []
   for i in range(2):
     lr = [LOGPS[i][t] - OLD[i][t] for t in range(3)]
@@ -43,8 +44,9 @@ def token_losses(level="token", eps_high=EPS_HIGH, beta=0.0):
       ratios = [math.exp(seq)] * 3
     else:
       ratios = [math.exp(x) for x in lr]
-    rows.append([ppo_term(ratios[t], ADV[i], EPS, eps_high) + beta * k3(LOGPS[i][t], REF[i][t])
-                 for t in range(3)])
+    w = ratios if bias_correction else [1.0] * 3
+    rows.append([ppo_term(ratios[t], ADV[i], EPS, eps_high)
+                 + beta * w[t] * k3(LOGPS[i][t], REF[i][t]) for t in range(3)])
   return rows
 
 
@@ -68,14 +70,18 @@ def loss(**kw):
 
 @pytest.mark.parametrize("loss_type", P.LOSS_TYPES)
 @pytest.mark.parametrize("level", P.IMPORTANCE_SAMPLING_LEVELS)
-@pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_loss_matches_formula(loss_type, level, beta):
+@pytest.mark.parametrize("beta, bias_correction", [(0.0, True), (0.1, True), (0.1, False)])
+def test_loss_matches_formula(loss_type, level, beta, bias_correction):
   got, metrics = loss(loss_type=loss_type, importance_sampling_level=level, beta=beta,
-                      ref_logps=jnp.array(REF) if beta else None)
-  want = aggregate(token_losses(level, beta=beta), loss_type)
-  assert float(got) == pytest.approx(want, rel=1e-5)
+                      ref_logps=jnp.array(REF) if beta else None,
+                      use_bias_correction_kl=bias_correction)
+  rows = token_losses(level, beta=beta, bias_correction=bias_correction)
+  assert float(got) == pytest.approx(aggregate(rows, loss_type), rel=1e-5)
   if beta:
-    kl = sum(k3(LOGPS[i][t], REF[i][t]) * MASK[i][t] for i in range(2) for t in range(3)) / 5
+    # The logged KL is the weighted one, as TRL logs it.
+    kl_rows = [[(rows[i][t] - token_losses(level)[i][t]) / beta for t in range(3)]
+               for i in range(2)]
+    kl = sum(kl_rows[i][t] * MASK[i][t] for i in range(2) for t in range(3)) / 5
     assert float(metrics["kl"]) == pytest.approx(kl, rel=1e-5)
   else:
     assert "kl" not in metrics
