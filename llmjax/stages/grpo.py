@@ -63,6 +63,7 @@ class GRPOConfig:
     loss_type: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (TRL's default).
     epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high] (DAPO: 0.28 high).
     beta: the k3 KL coefficient (0: no reference model is held or run).
+    use_bias_correction_kl: weight the k3 KL by the importance ratio (TRL 1.16's default).
     importance_sampling_level: 'token' or 'sequence' (GSPO).
     num_iterations: mu, passes over each rollout.
     steps_per_generation: minibatches per rollout (TRL's name): the rollout's rows are
@@ -89,6 +90,7 @@ class GRPOConfig:
   epsilon: float = 0.2
   epsilon_high: float | None = None
   beta: float = 0.0
+  use_bias_correction_kl: bool = True
   importance_sampling_level: str = "token"
   num_iterations: int = 1
   steps_per_generation: int = 1
@@ -166,6 +168,7 @@ def grpo_objective(cfg: GRPOConfig):
                                 epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
                                 importance_sampling_level=cfg.importance_sampling_level,
                                 max_completion_length=cfg.max_new_tokens,
+                                use_bias_correction_kl=cfg.use_bias_correction_kl,
                                 entropies=entropy)
     n = jnp.float32(mask.shape[0])
     tokens = jnp.maximum(mask.sum(), 1.0)
