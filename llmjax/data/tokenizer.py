@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -118,6 +118,14 @@ class Tokenizer:
 
   def serialized_model_proto(self) -> bytes:
     return self._proto
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+  """Whether two tokenizers (sentencepiece or HF) map every id to the same piece."""
+  if a is b:
+    return True
+  return a.vocab_size == b.vocab_size and all(
+      a.id_to_piece(i) == b.id_to_piece(i) for i in range(a.vocab_size))
 
 
 def check_fits_model(tokenizer: Tokenizer, model_vocab_size: int) -> None:

@@ -12,7 +12,7 @@ import jax
 from absl import logging
 
 from llmjax.data.hf_tokenizer import load_tokenizer
-from llmjax.data.tokenizer import Tokenizer, check_fits_model, train_tokenizer
+from llmjax.data.tokenizer import Tokenizer, check_fits_model, same_vocabulary, train_tokenizer
 from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 
@@ -45,6 +45,7 @@ class StageOutput:
   params: Any
   model_cfg: ModelConfig
   source: dict[str, Any]
+  tokenizer: Any = None  # what it was trained with (None: an import saved without one)
 
   def float_params(self) -> Any:
     """The parameters of a plain float model (LoRA adapters merged, quantized weights
@@ -107,8 +108,23 @@ class RunContext:
       self.tokenizer = loaded.tokenizer
     logging.info("%s: %s (stage %s, step %d)", what, source, loaded.stage, loaded.step)
     self._loaded[source] = StageOutput(loaded.graphdef, loaded.params, loaded.model_cfg,
-                                       loaded.source)
+                                       loaded.source, loaded.tokenizer)
     return self._loaded[source]
+
+  def check_same_vocabulary(self, other: StageOutput, model_cfg: ModelConfig,
+                            what: str) -> None:
+    """Refuses a model (a reward model, a teacher) whose vocabulary or tokenizer is not this
+    run's (`model_cfg` is the policy's): it would judge other tokens than the policy's."""
+    name = f"{other.source.get('workdir')} (stage {other.source.get('stage')})"
+    if other.model_cfg.vocab_size != model_cfg.vocab_size:
+      raise ConfigError(f"{what}: {name} has a vocabulary of {other.model_cfg.vocab_size} "
+                        f"tokens, this run's model {model_cfg.vocab_size}: use a model trained "
+                        "with this run's tokenizer")
+    ours, theirs = self.tokenizer, other.tokenizer
+    if ours is not None and theirs is not None and not same_vocabulary(ours, theirs):
+      raise ConfigError(f"{what}: {name} was trained with tokenizer {theirs!r}, this run uses "
+                        f"{ours!r}, and their vocabularies differ: use a model trained with "
+                        "this run's tokenizer")
 
   def start(self, init_from: str | None, model_cfg: ModelConfig,
             what: str) -> StageOutput | None:
@@ -155,7 +171,7 @@ class RunContext:
     """Keeps a finished stage's model under its name for the stages after it."""
     self.outputs[name] = StageOutput(graphdef, params, model_cfg,
                                      {"workdir": os.path.abspath(self.workdir), "stage": name,
-                                      "step": step})
+                                      "step": step}, self.tokenizer)
     self.last_stage = name
 
   def ensure_tokenizer(self, cfg: TokenizerConfig, documents: Any, model_cfg: ModelConfig,

@@ -240,10 +240,13 @@ class TrainResult:
 
 @dataclasses.dataclass
 class PolicyView:
-  """What a `BatchSource` sees of the model being trained when it makes the next batch."""
+  """What a `BatchSource` sees of the models when it makes the next batch."""
   graphdef: nnx.GraphDef
-  params: nnx.State  # whole state, as in TrainResult
+  params: nnx.State  # the policy's whole state, as in TrainResult
   step: int  # the step the batch is for (0-based)
+  # The other roles by name: (graphdef, whole current state), e.g. PPO's value model (being
+  # trained) and reward model (frozen), each placed on the mesh like the policy.
+  roles: dict[str, tuple[nnx.GraphDef, nnx.State]] = dataclasses.field(default_factory=dict)
 
 
 class BatchSource:
@@ -374,6 +377,12 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   def policy_state() -> nnx.State:
     return nnx.merge_state(state["params"], frozen[roles_lib.POLICY])
 
+  def role_states() -> dict[str, tuple[nnx.GraphDef, nnx.State]]:
+    current = _trainables(state)
+    return {name: (gd, nnx.merge_state(current[name], frozen[name]) if name in current
+                   else frozen[name])
+            for name, gd in graphdefs.items() if name != roles_lib.POLICY}
+
   def evaluate(step: int) -> None:
     sums: dict[str, list[float]] = {}
     for batch in eval_data:
@@ -402,7 +411,7 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
         # Rollouts are computed like the step: activations split over the batch axes.
         with mesh_lib.activation_sharding(mesh, rules):
           batch = data_iter.next_batch(PolicyView(graphdefs[roles_lib.POLICY], policy_state(),
-                                                  step))
+                                                  step, role_states()))
       else:
         batch = next(data_iter)
       rows = len(next(iter(batch.values())))

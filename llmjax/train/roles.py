@@ -24,6 +24,8 @@ from llmjax.model.transformer import build_model
 
 POLICY = "policy"
 REFERENCE = "reference"
+REWARD = "reward"  # PPO's frozen reward model
+VALUE = "value"  # PPO's value model (trained beside the policy)
 
 
 @dataclasses.dataclass
