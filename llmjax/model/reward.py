@@ -159,3 +159,16 @@ def init_reward_model(lm_params: nnx.State, cfg: ModelConfig, seed: int = 0) -> 
                             "must be the language model's config with head='score'")
     leaves.append((path, var.replace(jnp.asarray(value).astype(dtype))))
   return nnx.from_flat_state(leaves)
+
+
+class ValueHead(nnx.Module):
+  """PPO's value head on a policy's own final hidden states (a trunk shared with the policy):
+  `[batch, seq, d_model]` -> `[batch, seq]` float32, initialised like the score head."""
+
+  def __init__(self, cfg: ModelConfig, seed: int = 0):
+    init = cfg.init_std * jax.random.normal(jax.random.key(seed), (cfg.d_model, 1), jnp.float32)
+    self.score = nnx.Param(init, logical_axes=("embed", None))
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    return jnp.einsum("bsd,do->bso", hidden.astype(jnp.float32), self.score[...])[..., 0]
+

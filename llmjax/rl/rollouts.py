@@ -99,7 +99,8 @@ def score(rewards: Sequence[Reward], texts: list[list[str]], lengths: np.ndarray
         [[r(completion=texts[i][j], reference=it["answer"], prompt=it.get("question", ""),
             num_tokens=int(lengths[i, j]), max_tokens=max_tokens)
           for j in range(len(texts[i]))] for i, it in enumerate(items)], np.float32)
-  out["total"] = sum(r.weight * out[r.label] for r in rewards)
+  out["total"] = sum((r.weight * out[r.label] for r in rewards),
+                     np.zeros(lengths.shape, np.float32))
   return out
 
 

@@ -16,6 +16,7 @@ from llmjax.errors import ConfigError
 from llmjax.stages.context import RunContext
 from llmjax.stages.dpo import dpo_stage
 from llmjax.stages.grpo import grpo_stage
+from llmjax.stages.ppo import ppo_stage
 from llmjax.stages.reward_model import reward_model_stage
 from llmjax.stages.pretrain import pretrain_stage
 from llmjax.stages.sft import sft_stage
@@ -26,6 +27,7 @@ STAGES: dict[str, Callable[[], Any]] = {
     "rm": reward_model_stage,
     "dpo": dpo_stage,
     "grpo": grpo_stage,
+    "ppo": ppo_stage,
 }
 
 

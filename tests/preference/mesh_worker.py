@@ -26,7 +26,7 @@ def one_step(all_roles, loss_fn, mesh, batch, accum):
   graphdefs, trainables, frozen = {}, {}, {}
   for name, role in all_roles.items():
     graphdefs[name], t, frozen[name], _, _ = loop._place_role(role, mesh, rules)
-    if name == "policy":
+    if name == "policy" or jax.tree.leaves(t):  # as the loop: PPO's value model trains too
       trainables[name] = t
   # Plain SGD: the update is the gradient itself (Adam's first step would be ~lr for every
   # weight, amplifying summation-order noise in near-zero gradients).
@@ -91,8 +91,39 @@ def main():
                       grpo_objective(grpo_cfg))
   batches = {"grpo": rollout}
 
+  # PPO: the rollout's scoring (reward model, values, KL, GAE, whitening over the whole
+  # batch) on the mesh, then a step of policy + value model.
+  from llmjax.stages.ppo import PPOConfig, PPORollout, ppo_objective
+  from llmjax.train import loop
+  ppo_cfg = PPOConfig(kl_coef=0.1, lam=0.9, missing_eos_penalty=1.0)
+  rm_graphdef, rm_params = nnx.split(build_model(rm_cfg, seed=4))
+  ppo_roles = {"policy": policy_role(TEST_MODEL, base),
+               "reference": Role.frozen(ref_graphdef, ref_params, TEST_MODEL),
+               "reward": Role.frozen(rm_graphdef, rm_params, rm_cfg),
+               "value": policy_role(rm_cfg, init_reward_model(base, rm_cfg, seed=5))}
+  ppo_rows = {k: v for k, v in rollout.items() if k not in ("advantages", "old_logps")}
+  ppo_rows["stopped"] = (np.arange(16) % 3 > 0).astype(np.float32)
+
+  def ppo_rollout(mesh):
+    rules = mesh_lib.RULE_SETS["fsdp_tensor"]
+    placed = {name: loop._place_role(role, mesh, rules) for name, role in ppo_roles.items()}
+    state = {name: nnx.merge_state(p[1], p[2]) for name, p in placed.items()}
+    view = loop.PolicyView(placed["policy"][0], state["policy"], 0,
+                           {k: (placed[k][0], state[k]) for k in placed if k != "policy"})
+    b = dict(ppo_rows)
+    metrics = PPORollout(ppo_cfg, mesh, rules)(view, None, b)
+    return b, metrics
+
   one_device = mesh_lib.make_mesh(mesh_lib.MeshConfig(1, 1, 1), jax.devices()[:1])
-  results = {"pairs": n_pairs}
+  ref_b, ref_rm = ppo_rollout(one_device)
+  got_b, got_rm = ppo_rollout(mesh_lib.make_mesh(mesh_lib.MeshConfig(2, 2, 2)))
+  ppo_scoring = {"metrics": got_rm, "ref_metrics": ref_rm}
+  for k in ("old_logps", "old_values", "advantages", "returns"):
+    ppo_scoring[k] = float(np.abs(got_b[k] - ref_b[k]).max() /
+                           max(float(np.abs(ref_b[k]).max()), 1e-9))
+  variants["ppo"] = (ppo_roles, ppo_objective(ppo_cfg))
+  batches["ppo"] = ref_b
+  results = {"pairs": n_pairs, "ppo_scoring": ppo_scoring}
   for name, (all_roles, loss_fn) in variants.items():
     b = batches.get(name, batch)
     ref_m, ref_p = one_step(all_roles, loss_fn, one_device, b, accum=1)

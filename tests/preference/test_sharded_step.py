@@ -48,3 +48,20 @@ def test_sharded_accumulated_grpo_step_equals_one_device(results):
     assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
   assert ref["grad_norm"] > 0 and ref["kl"] > 0  # the reference differs from the policy
   assert r["param_max_diff"] < 1e-4 * r["param_max_change"]
+
+
+def test_sharded_ppo_rollout_and_step_equal_one_device(results):
+  scoring = results["ppo_scoring"]
+  # Values, advantages (GAE, then whitened over the whole batch) and returns: the same
+  # numbers on 8 devices, whichever device holds which rows.
+  for key in ("old_logps", "old_values", "advantages", "returns"):
+    assert scoring[key] < 1e-5, key
+  for key in ("score", "kl", "explained_variance", "value_mean"):
+    assert scoring["metrics"][key] == pytest.approx(scoring["ref_metrics"][key], rel=1e-5,
+                                                    abs=1e-6), key
+  assert scoring["ref_metrics"]["kl"] > 0
+  r = results["ppo"]
+  got, ref = r["metrics"], r["ref_metrics"]
+  for key in ("loss", "grad_norm", "value_loss", "policy_loss", "approxkl"):
+    assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+  assert r["param_max_diff"] < 1e-4 * r["param_max_change"]
