@@ -149,3 +149,52 @@ def test_bad_reward_models_are_refused(tmp_path, tokenizer_path):
     stage(tokenizer_path, num_mini_batches=3)
   with pytest.raises(ConfigError, match="kl_estimator"):
     PPOConfig(kl_estimator="k4")
+
+
+def token_set_reward_model(cfg, rewarded: np.ndarray):
+  """A reward model whose score is 1 when a sequence ends in a token of `rewarded`, else 0:
+  its blocks add nothing (zero output projections), so the final hidden state is the last
+  token's embedding, which points along a 'rewarded' direction for those tokens."""
+  graphdef, state = nnx.split(build_model(cfg, seed=0))
+  flat = dict(state.flat_state())
+  for path, var in flat.items():
+    if path[-1] in ("o_proj", "down_proj"):
+      var.value = jnp.zeros_like(var.value)
+  embed = np.zeros((cfg.vocab_size, cfg.d_model), np.float32)
+  embed[:, 0] = 1.0
+  embed[rewarded, 1] = 1.0
+  flat[("embed",)].value = jnp.asarray(embed)
+  score = np.zeros((cfg.d_model, 1), np.float32)
+  score[1, 0] = 1.0 / np.sqrt(cfg.d_model / 2)  # the RMS-normalised [1, 1, 0...] reads 1
+  flat[("score",)].value = jnp.asarray(score)
+  return graphdef, nnx.State.from_flat_path(flat)
+
+
+def test_ppo_finds_the_rewarded_tokens(tmp_path, tokenizer_path):
+  """A one-token bandit with a known optimum: 1 for a tenth of the vocabulary, 0 otherwise.
+  PPO moves the policy's mass onto the rewarded tokens."""
+  rm_cfg = reward_config(TEST_MODEL)
+  rewarded = np.arange(TEST_MODEL.vocab_size)[7::10]
+  rm_graphdef, rm_params = token_set_reward_model(rm_cfg, rewarded)
+  tokens = jnp.asarray(np.arange(TEST_MODEL.vocab_size)[:, None], jnp.int32)
+  scores = np.asarray(nnx.merge(rm_graphdef, rm_params)(tokens))[:, 0]
+  np.testing.assert_allclose(scores, np.isin(np.arange(TEST_MODEL.vocab_size), rewarded),
+                             atol=1e-3)
+  ctx = context(tmp_path, tokenizer_path)
+  ctx.outputs["rm"] = dataclasses.replace(ctx.outputs["rm"], graphdef=rm_graphdef,
+                                          params=rm_params)
+  st = ppo_stage(
+      model=TEST_MODEL, data=dataclasses.replace(DATA, prompts_per_step=16),
+      train=loop.TrainConfig(total_steps=64, log_every=1, eval_every=1000,
+                             checkpoint_every=1000),
+      # No global-norm clipping: the value model's gradient would dominate the norm.
+      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=1, min_lr_ratio=1.0,
+                                grad_clip_norm=None),
+      tokenizer=TokenizerConfig(path=tokenizer_path),
+      ppo=PPOConfig(max_new_tokens=1, temperature=1.0, kl_coef=0.0, num_ppo_epochs=4,
+                    num_mini_batches=1))
+  run_stages([st], ctx)
+  scores = [m["score"] for m in read_metrics(str(tmp_path))
+            if m["kind"] == "train" and "score" in m]
+  assert np.mean(scores[:3]) < 0.3  # about a tenth of random tokens are rewarded
+  assert np.mean(scores[-3:]) > 0.9
