@@ -31,6 +31,7 @@ on-policy).
 from __future__ import annotations
 
 import base64
+import functools
 import dataclasses
 import inspect
 import io
@@ -38,7 +39,7 @@ import json
 import time
 from typing import Any, Callable, Sequence
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -171,6 +172,12 @@ class RolloutConfig:
     return self.steps_per_rollout > 1
 
 
+# Jitted: one dispatch per rollout for what would be a dozen small eager ops.
+_group_advantages = jax.jit(adv_lib.group_advantages, static_argnums=1, static_argnames="scale")
+_leave_one_out_advantages = jax.jit(adv_lib.leave_one_out_advantages, static_argnums=1)
+_zero_spread_groups = jax.jit(adv_lib.zero_spread_groups, static_argnums=1)
+
+
 class Finish:
   """What a rollout's rows are trained with: adds arrays to the batch, returns metrics.
 
@@ -210,11 +217,11 @@ class GroupAdvantages(Finish):
     self.needs_old_logps, self.old_logps_fn = needs_old_logps, old_logps_fn
 
   def __call__(self, view, groups, batch):
-    total = jnp.asarray(groups.scores["total"].reshape(-1))
+    total = groups.scores["total"].reshape(-1)
     if self.advantage == "rloo":
-      advantages = adv_lib.leave_one_out_advantages(total, self.g)
+      advantages = _leave_one_out_advantages(total, self.g)
     else:
-      advantages = adv_lib.group_advantages(total, self.g, scale=self.scale)
+      advantages = _group_advantages(total, self.g, scale=self.scale)
     batch["advantages"] = np.asarray(advantages, np.float32)
     batch["old_logps"] = np.zeros(batch["tokens"].shape, np.float32)
     if self.needs_old_logps:
@@ -239,6 +246,7 @@ class RolloutSource(loop.BatchSource):
     """
     self.prompts, self.make_sampler, self.rewards, self.cfg = prompts, make_sampler, rewards, cfg
     self.finish = finish
+    self._sampler = None  # one Sampler, given the current parameters at every rollout
     self.rollouts = 0  # how many rollouts have been sampled
     self.batch: dict[str, np.ndarray] | None = None  # the rollout in use, rows shuffled
     self.uses = 0  # optimizer steps taken on it
@@ -287,7 +295,7 @@ class RolloutSource(loop.BatchSource):
 
   # ---- One rollout ----
 
-  def _sample(self, sampler, items) -> "Groups":
+  def _sample(self, sampler, items, params) -> "Groups":
     """G completions of each prompt of `items`, scored: one sampling round."""
     cfg = self.cfg
     # A fresh key per round, from the seed and the round count: resumable, never reused.
@@ -296,15 +304,17 @@ class RolloutSource(loop.BatchSource):
     out = sample_per_process(sampler, [it["prompt_ids"] for it in items],
                              max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_generations,
                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                             seed=seed)
+                             seed=seed, params=params)
     scores = score(self.rewards, out.texts, out.lengths, items, cfg.max_new_tokens)
     return Groups(list(items), out.tokens, out.logprobs, out.lengths, out.stopped, scores)
 
   def _rollout(self, view: loop.PolicyView) -> dict[str, np.ndarray]:
     cfg = self.cfg
     start = time.time()
-    sampler = self.make_sampler(view.graphdef, view.params)
-    first = groups = self._sample(sampler, next(self.prompts))
+    if self._sampler is None or self._sampler.graphdef is not view.graphdef:
+      self._sampler = self.make_sampler(view.graphdef, view.params)
+    sample = functools.partial(self._sample, self._sampler, params=view.params)
+    first = groups = sample(next(self.prompts))
     rounds, wanted = 1, len(first.items)
     if cfg.dynamic_sampling:
       # DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; sample more
@@ -314,7 +324,7 @@ class RolloutSource(loop.BatchSource):
       kept, spare = first.split(first.spread())
       while (rounds < cfg.max_sampling_rounds
              and distributed.any_process(len(kept.items) < wanted)):
-        more = self._sample(sampler, next(self.prompts))
+        more = sample(next(self.prompts))
         rounds += 1
         good, bad = more.split(more.spread())
         kept, spare = kept.concat(good), spare.concat(bad)
@@ -371,8 +381,7 @@ class Groups:
   def spread(self) -> np.ndarray:
     """`[prompts]` bool: the group's total rewards are not all equal."""
     total = self.scores["total"]
-    return ~np.asarray(adv_lib.zero_spread_groups(jnp.asarray(total.reshape(-1)),
-                                                  total.shape[1]))
+    return ~np.asarray(_zero_spread_groups(total.reshape(-1), total.shape[1]))
 
   def _select(self, idx: np.ndarray) -> "Groups":
     return Groups([self.items[i] for i in idx], self.tokens[idx], self.logprobs[idx],

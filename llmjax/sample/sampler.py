@@ -160,8 +160,8 @@ def _stop_sequence_hit(out: jax.Array, t: jax.Array, stop_seqs: jax.Array) -> ja
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "new_bucket", "greedy",
                                              "top_k_bucket", "use_top_p", "pad_id"))
 def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, prompt_lens,
-              stop_ids, stop_seqs, key, temperature, top_p, top_k, max_new, *, num_samples,
-              new_bucket, greedy, top_k_bucket, use_top_p, pad_id):
+              stop_ids, stop_seqs, seed, chunk_start, temperature, top_p, top_k, max_new, *,
+              num_samples, new_bucket, greedy, top_k_bucket, use_top_p, pad_id):
   """Prefill `prompts [rows, P]`, then decode up to `max_new` (<= new_bucket) tokens each.
 
   `params` is a traced argument (never a closed-over constant): new parameter values of the
@@ -194,7 +194,8 @@ def _generate(graphdef, params, prompts, valid, positions, last_idx, next_slot, 
       hit |= _stop_sequence_hit(out, t, stop_seqs)
     return token, out, lps, slps, done | hit, lengths
 
-  keys = jax.random.split(key, new_bucket)
+  # The key is made inside the program: two fewer dispatches per call (RL rollouts call often).
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), chunk_start), new_bucket)
   out = jnp.full((batch, new_bucket), pad_id, jnp.int32)
   zeros = jnp.zeros((batch, new_bucket), jnp.float32)
   token, out, lps, slps, done, lengths = emit(
@@ -291,15 +292,15 @@ class Sampler:
     vocab = self.vocab_size
     k_bucket = 0 if greedy or top_k == 0 else _top_k_bucket(top_k, vocab)
     outs = []
-    key = jax.random.key(seed)
     for start in range(0, n, per_call):
       chunk = [list(p) for p in prompts[start:start + per_call]]
       arrays = self._layout(chunk, per_call)
       res = _generate(
-          self.graphdef, params, *arrays, jnp.asarray(stop), jnp.asarray(seqs),
-          jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
-          jnp.float32(top_p), jnp.int32(min(top_k, vocab) if k_bucket else 0),
-          jnp.int32(max_new_tokens), num_samples=num_samples, new_bucket=new_bucket,
+          # numpy arguments: jit moves them in one go (a jnp array each is a dispatch each).
+          self.graphdef, params, *arrays, stop, seqs,
+          np.uint32(seed), np.int32(start), np.float32(max(temperature, 1e-6)),
+          np.float32(top_p), np.int32(min(top_k, vocab) if k_bucket else 0),
+          np.int32(max_new_tokens), num_samples=num_samples, new_bucket=new_bucket,
           greedy=greedy, top_k_bucket=k_bucket, use_top_p=not greedy and top_p < 1.0,
           pad_id=self.pad_id)
       res = _to_host(res)
@@ -352,8 +353,7 @@ class Sampler:
       last_idx, next_slot = np.full(rows, width - 1, np.int32), np.full(rows, width, np.int32)
     else:
       last_idx, next_slot = lens - 1, lens
-    return (jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(positions),
-            jnp.asarray(last_idx), jnp.asarray(next_slot), jnp.asarray(lens))
+    return tokens, valid, positions, last_idx, next_slot, lens
 
   def _stop_sequences(self, stop_strings: Sequence[str]) -> np.ndarray:
     """Token sequences of the stop strings, right-aligned `[n, L]` (-1 = none).
