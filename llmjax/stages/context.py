@@ -129,11 +129,18 @@ class RunContext:
   def start(self, init_from: str | None, model_cfg: ModelConfig,
             what: str) -> StageOutput | None:
     """Where a stage starts: `init_from` when set, else the stage before it in this run
-    (None for the first stage: a random init). The model shapes must match."""
+    (None for the first stage: a random init); a language-model stage passes over reward
+    models (PPO after `rm` starts from the policy before it). The model shapes must match."""
     if init_from:
       start = self.resolve(init_from, what)
     elif self.last_stage is not None:
       start = self.outputs[self.last_stage]
+      if model_cfg.head == "lm" and start.model_cfg.head != "lm":
+        language_models = [o for o in self.outputs.values() if o.model_cfg.head == "lm"]
+        if not language_models:
+          raise ConfigError(f"{what}: every stage before it trained a reward model; set "
+                            f"{what} to a language model (a stage, a run or an import)")
+        start = language_models[-1]
     else:
       return None
     from llmjax.checkpoint import check_same_model

@@ -54,7 +54,7 @@ def context(workdir, tokenizer_path, stop_after=None, rm_vocab=None):
   ctx = RunContext(workdir=str(workdir), stop_after=stop_after, tokenizer=tokenizer)
   ctx.outputs["sft"] = StageOutput(graphdef, params, TEST_MODEL, source("sft"), tokenizer)
   ctx.outputs["rm"] = StageOutput(rm_graphdef, rm_params, rm_cfg, source("rm"), tokenizer)
-  ctx.last_stage = "sft"
+  ctx.last_stage = "rm"  # as after pretrain -> sft -> rm: ppo starts from sft, not the rm
   return ctx
 
 
