@@ -105,7 +105,8 @@ def test_missing_gin_file(tmp_path):
                                                   recursive=True)))
 def test_every_experiment_parses(path, tmp_path):
   # The values recipes mark as must-override, given as a user would to those that read them.
-  musts = {"TRAIN_FILES": "['/data/*.jsonl']", "TOKENIZER": "'/data/tokenizer.model'"}
+  musts = {"TRAIN_FILES": "['/data/*.jsonl']", "TOKENIZER": "'/data/tokenizer.model'",
+           "REWARD_FROM": "'/data/runs/rm'"}
   gin_flags.parse_gin([path], [])
   read = gin.config_str()
   stages = configure([path], [f"{k} = {v}" for k, v in musts.items() if f"%{k}" in read],
