@@ -59,14 +59,6 @@ def unscale_grads(grads: Any, state: LossScaleState, times: jax.Array | float = 
   return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """A bool scalar: every element of every leaf is finite."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
-
-
 def update(state: LossScaleState, grads_finite: jax.Array, cfg: LossScale) -> LossScaleState:
   """The state after a step whose gradients were (not) finite.
 
