@@ -85,10 +85,12 @@ def optimizer(trainable) -> tuple[Any, Any]:
   return tx, learning_rate_schedule(opt, TOTAL_STEPS)
 
 
-def train_step(graphdef, tx, schedule, loss_chunk_size: int = 0, grad_accum_steps: int = 1):
-  """The loop's jitted step, the train state donated as `loop.train` does."""
+def train_step(graphdef, tx, schedule, loss_chunk_size: int = 0, grad_accum_steps: int = 1,
+               loss_scale=None):
+  """The loop's jitted step, the train state donated as `loop.train` does (`loss_scale`:
+  float16's, as `TrainConfig.resolved_loss_scale` gives it; the state must carry it)."""
   step = loop.make_train_step({roles.POLICY: graphdef}, tx, schedule,
-                              lm_objective(loss_chunk_size), grad_accum_steps)
+                              lm_objective(loss_chunk_size), grad_accum_steps, loss_scale)
   return jax.jit(step, donate_argnums=0)
 
 

@@ -30,7 +30,7 @@ from llmjax.train.optimizer import (OptimizerConfig, build_optimizer,  # noqa: E
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny", "Model preset.")
-flags.DEFINE_string("dtype", "float32", "Compute dtype.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype (float16: with dynamic loss scaling).")
 flags.DEFINE_string("attention", "xla", "Attention backend: xla, dot_product, splash.")
 flags.DEFINE_string("remat", "none", "Remat policy: none, full, dots, dots_no_batch.")
 flags.DEFINE_bool("scan_layers", False, "Run the blocks under lax.scan.")
@@ -46,10 +46,11 @@ def main(_):
   graphdef, params = loop.init_params(cfg, seed=0)
   opt = OptimizerConfig()
   tx = build_optimizer(opt, 1000)
-  state = loop.init_train_state({"policy": params}, tx)
+  scaling = loop.TrainConfig().resolved_loss_scale(cfg.dtype)  # float16: the dynamic scale
+  state = loop.init_train_state({"policy": params}, tx, loss_scale=scaling)
   frozen = {"policy": nnx.State({})}
   step = lv.train_step(graphdef, tx, learning_rate_schedule(opt, 1000),
-                       grad_accum_steps=FLAGS.grad_accum_steps)
+                       grad_accum_steps=FLAGS.grad_accum_steps, loss_scale=scaling)
   batch = jax.device_put(lv.random_batch(FLAGS.batch_size, FLAGS.seq_len, cfg.vocab_size))
   t0 = time.time()
   state, m = step(state, frozen, batch)

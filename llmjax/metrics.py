@@ -17,7 +17,9 @@ import jax
 
 from llmjax.model.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity).
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets (no sparsity). On these
+# GPUs dense fp16 peaks equal bf16's, so MFU of a float16 run uses the same number; TPUs
+# refuse float16 compute (model/config.py: check_dtype_on_backend).
 PEAK_BF16_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
@@ -34,7 +36,7 @@ PEAK_BF16_FLOPS = {
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
-  """The chip's dense bf16 peak, or None when unknown (CPUs: pass it in by hand)."""
+  """The chip's dense bf16 (= fp16 on GPUs) peak, or None when unknown (CPUs: pass it in)."""
   kind = (device or jax.devices()[0]).device_kind
   for prefix in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
     if kind.startswith(prefix):
@@ -160,6 +162,8 @@ class MetricsWriter:
       parts.append(f"{m['tokens_per_sec']:,.0f} tok/s")
     if m.get("mfu") is not None:
       parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if m.get("loss_scale") is not None:  # float16 training: the scale and the steps it skipped
+      parts.append(f"loss scale {m['loss_scale']:g} ({m.get('skipped_steps', 0)} skipped)")
     parts.append(f"elapsed {_hms(elapsed)}")
     self._print("  ".join(parts), newline=not self._tty or step >= self.total_steps)
 

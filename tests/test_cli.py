@@ -78,10 +78,18 @@ def test_shorthand_quotes_bare_strings():
     ("pipeline.stages = ['pretrain', 'pretrian']", "unknown stage.*pretrian"),
     ("model_config.preset = 'llama9'", "unknown model preset 'llama9'"),
     ("DataConfig.seq_len = 1", "seq_len must be at least 2"),
+    ("TrainConfig.loss_scale = 'dynamic'", "is for float16 compute.*'float32'.*needs no loss"),
 ])
 def test_bad_bindings_fail_before_training(tmp_path, binding, message):
   with pytest.raises(ConfigError, match=message):
     configure([TINY], [binding], str(tmp_path))
+
+
+def test_float16_on_tpu_fails_before_training(tmp_path, monkeypatch):
+  import jax
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ConfigError, match="dtype='float16' is not supported on TPU.*bfloat16"):
+    configure([TINY], ["model_config.overrides = {'dtype': 'float16'}"], str(tmp_path))
 
 
 def test_missing_required_value_is_named(tmp_path):

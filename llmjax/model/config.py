@@ -21,6 +21,7 @@ class RopeScaling:
 
 
 HEADS = ("lm", "score")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,10 @@ class ModelConfig:
   head: str = "lm"
   max_seq_len: int = 2048
   init_std: float = 0.02
-  dtype: str = "float32"  # compute dtype: float32 or bfloat16
-  param_dtype: str = "float32"
+  # Compute dtype: float32, bfloat16, or float16 (GPUs; trained with loss scaling, see
+  # llmjax/train/loss_scale.py). Parameters stay in param_dtype, the master copy.
+  dtype: str = "float32"
+  param_dtype: str = "float32"  # float32 or bfloat16
   # How the forward pass is computed; none of these change the parameters.
   attention: str = "xla"  # xla | dot_product (cuDNN flash on GPU) | splash (Pallas, TPU)
   remat: str = "none"  # none | full | dots | dots_no_batch: what each block saves for backward
@@ -74,9 +77,14 @@ class ModelConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16"):
-        problems.append(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+    if self.dtype not in COMPUTE_DTYPES:
+      problems.append(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+    if self.param_dtype == "float16":
+      problems.append("param_dtype 'float16' is not supported: float16 parameters lose the "
+                      "small updates of late training and overflow; keep float32 parameters "
+                      "(the master weights) with dtype='float16' compute")
+    elif self.param_dtype not in ("float32", "bfloat16"):
+      problems.append(f"param_dtype must be 'float32' or 'bfloat16', got {self.param_dtype!r}")
     if problems:
       raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -118,6 +126,27 @@ class ModelConfig:
     if d.get("rope_scaling") is not None:
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     return cls(**d)
+
+
+def check_dtype_on_backend(cfg: ModelConfig, backend: str | None = None) -> None:
+  """Refuses a compute dtype the backend (default: JAX's) has no fast path for.
+
+  TPUs compute in bfloat16 natively and have no float16 matmul path: ConfigError before any
+  compile. XLA:CPU runs float16 (slowly, by converting): allowed, with a warning, for tests.
+  """
+  if cfg.dtype != "float16":
+    return
+  import jax
+  from absl import logging
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    raise ConfigError("ModelConfig.dtype='float16' is not supported on TPU, which has no fast "
+                      "float16 path: use dtype='bfloat16' (the TPU's native compute type; it "
+                      "needs no loss scaling)")
+  if backend == "cpu":
+    logging.log_first_n(logging.WARNING, "ModelConfig.dtype='float16' on CPU: XLA:CPU converts "
+                        "float16 math and runs slower than float32; fine for tests, use a GPU "
+                        "for speed", 1)
 
 
 PRESETS: dict[str, ModelConfig] = {

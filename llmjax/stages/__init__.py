@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import gin
 
 from llmjax.errors import ConfigError
+from llmjax.model.config import check_dtype_on_backend
 from llmjax.stages.context import RunContext
 from llmjax.stages.dpo import dpo_stage
 from llmjax.stages.grpo import grpo_stage
@@ -48,7 +49,18 @@ def configure_stages() -> list[Any]:
   stages = [STAGES[name]() for name in pipeline()]
   for stage in stages:
     _check_required(stage, stage.name)
+    _check_precision(stage)
   return stages
+
+
+def _check_precision(stage: Any) -> None:
+  """float16 compute on a backend without it, or loss scaling without float16: refused here,
+  before the first stage compiles anything."""
+  model, train = getattr(stage, "model", None), getattr(stage, "train", None)
+  if model is not None:
+    check_dtype_on_backend(model)
+    if train is not None:
+      train.resolved_loss_scale(model.dtype)
 
 
 def _check_required(obj: Any, path: str) -> None:

@@ -28,9 +28,10 @@ from llmjax import checkpoint as ckpt_lib
 from llmjax import metrics as metrics_lib
 from llmjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from llmjax.model import lora
-from llmjax.model.config import ModelConfig
+from llmjax.model.config import ModelConfig, check_dtype_on_backend
 from llmjax.model.transformer import build_model
 from llmjax.parallel import mesh as mesh_lib
+from llmjax.train import loss_scale as loss_scale_lib
 from llmjax.train import roles as roles_lib
 from llmjax.train.optimizer import (OptimizerConfig, build_optimizer, decay_mask,
                                     learning_rate_schedule)
@@ -58,12 +59,35 @@ class TrainConfig:
   seed: int = 0  # parameter init and the state's RNG
   peak_flops_per_device: float | None = None  # for MFU where the chip is not in the table
   loss_chunk_size: int = 0  # >0: memory-lean loss over this many positions at a time
+  # float16 loss scaling (train/loss_scale.py): None picks by ModelConfig.dtype ('dynamic' for
+  # float16, 'none' otherwise); 'dynamic'; 'none'; or a number, a fixed scale. bfloat16 and
+  # float32 need none. The dynamic scale starts at loss_scale_initial, grows by
+  # loss_scale_factor after loss_scale_growth_interval finite steps, backs off by it on an
+  # overflow (that step is skipped), and the run stops if it falls below loss_scale_min.
+  loss_scale: str | float | None = None
+  loss_scale_initial: float = 2.0 ** 15
+  loss_scale_growth_interval: int = 2000
+  loss_scale_factor: float = 2.0
+  loss_scale_min: float = 1.0
 
   def __post_init__(self):
     for name in ("total_steps", "grad_accum_steps", "log_every", "eval_every",
-                 "checkpoint_every", "keep_checkpoints"):
+                 "checkpoint_every", "keep_checkpoints", "loss_scale_growth_interval"):
       if getattr(self, name) < 1:
         raise ConfigError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+    if self.loss_scale_factor <= 1:
+      raise ConfigError(f"TrainConfig.loss_scale_factor must be > 1, got {self.loss_scale_factor}")
+    if not 0 < self.loss_scale_min <= self.loss_scale_initial:
+      raise ConfigError("TrainConfig.loss_scale_min must be positive and at most "
+                        f"loss_scale_initial ({self.loss_scale_initial}), got "
+                        f"{self.loss_scale_min}")
+
+  def resolved_loss_scale(self, compute_dtype: str) -> loss_scale_lib.LossScale | None:
+    """The loss scale for a model computing in `compute_dtype` (None: no scaling)."""
+    return loss_scale_lib.from_settings(
+        self.loss_scale, compute_dtype, initial=self.loss_scale_initial,
+        growth_interval=self.loss_scale_growth_interval, factor=self.loss_scale_factor,
+        min_scale=self.loss_scale_min)
 
 
 def init_params(model_cfg: ModelConfig, seed: int,
@@ -79,13 +103,15 @@ def init_params(model_cfg: ModelConfig, seed: int,
 
 
 def init_train_state(trainables: Mapping[str, nnx.State], tx: optax.GradientTransformation,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0,
+                     loss_scale: loss_scale_lib.LossScale | None = None) -> dict[str, Any]:
   """The state the train step carries and checkpoints.
 
   `params` is the policy's trainable state (what a checkpoint's params item holds: all of a
   full fine-tune, the adapters of a LoRA run); `role_params` the other trainable roles'
   (e.g. `value`), present only when there are some; then the optimizer state over all of
-  them, the step, the RNG (advanced every step) and the divergence mark.
+  them, the step, the RNG (advanced every step) and the divergence mark; and with float16
+  loss scaling, `loss_scale` (scale, good-step count, skipped steps), so a resume is exact.
   """
   others = {k: v for k, v in trainables.items() if k != roles_lib.POLICY}
   state = {"params": trainables[roles_lib.POLICY], "opt_state": tx.init(dict(trainables)),
@@ -94,6 +120,8 @@ def init_train_state(trainables: Mapping[str, nnx.State], tx: optax.GradientTran
            "first_bad_step": jnp.full((), -1, jnp.int32)}
   if others:
     state["role_params"] = others
+  if loss_scale is not None:
+    state["loss_scale"] = loss_scale_lib.init(loss_scale)
   return state
 
 
@@ -125,7 +153,8 @@ def _aux_means(aux: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Arr
 
 
 def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, loss_fn: LossFn, grad_accum_steps: int):
+                    schedule: optax.Schedule, loss_fn: LossFn, grad_accum_steps: int,
+                    loss_scale: loss_scale_lib.LossScale | None = None):
   """`step(state, frozen, batch) -> (state, metrics)`; batch arrays are `[batch, ...]`.
 
   `graphdefs` and `frozen` are keyed by role; `frozen[role]` is the role's non-trainable
@@ -134,18 +163,33 @@ def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTra
   exactly; aux (sum, count) pairs add up the same way and are logged as sum / count. A step
   whose loss, gradient or update is not finite leaves the state untouched and records its
   number in `state['first_bad_step']`.
+
+  With `loss_scale` (float16 compute; the state then has `loss_scale`, see
+  `init_train_state`), each microbatch differentiates its mean loss times the scale and its
+  gradients are unscaled in float32. A step whose loss or gradients are not finite is then
+  an overflow, not a divergence: it is skipped (parameters and optimizer state untouched),
+  counted, and the dynamic scale backs off; only a scale below its floor, or a non-finite
+  update from finite gradients, marks `first_bad_step`.
   """
 
-  def sums_of(trainables, frozen, micro, key):
+  def sums_of(trainables, frozen, micro, key, scale):
     def f(t):
       with lora.dropout_key(key):
         loss_sum, count, aux = _call_loss(loss_fn, _models(graphdefs, t, frozen), micro)
-      return loss_sum, (count, aux)
-    (loss_sum, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(trainables)
+      if scale is None:
+        return loss_sum, (loss_sum, count, aux)
+      # The microbatch's mean loss, scaled: the scale then means what it does in jmp and
+      # PyTorch whatever the batch size (a sum over many tokens would overflow float16).
+      units = jax.lax.stop_gradient(jnp.maximum(count, 1.0))
+      return loss_scale_lib.scale_loss(loss_sum / units, scale), (loss_sum, count, aux)
+    (_, (loss_sum, count, aux)), grads = jax.value_and_grad(f, has_aux=True)(trainables)
+    if scale is not None:  # back to gradients of the sum, in the master weights' float32
+      grads = loss_scale_lib.unscale_grads(grads, scale, times=jnp.maximum(count, 1.0))
     return loss_sum, count, aux, grads
 
   def step(state, frozen, batch):
     trainables = _trainables(state)
+    scale = state["loss_scale"] if loss_scale is not None else None
     # Microbatch a takes rows a, a+A, a+2A, ...: each device keeps its own rows, where a
     # contiguous split would move rows between devices of a batch-sharded mesh.
     micro = jax.tree.map(
@@ -155,10 +199,10 @@ def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTra
 
     def accumulate(carry, xs):
       mb, key = xs
-      return jax.tree.map(jnp.add, carry, sums_of(trainables, frozen, mb, key)), None
+      return jax.tree.map(jnp.add, carry, sums_of(trainables, frozen, mb, key, scale)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(sums_of, trainables, frozen, first, keys[0])
+    shapes = jax.eval_shape(sums_of, trainables, frozen, first, keys[0], scale)
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32 if a.ndim == 0 else a.dtype),
                          shapes)
     (loss_sum, count, aux, grads), _ = jax.lax.scan(accumulate, zeros, (micro, keys))
@@ -169,8 +213,17 @@ def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTra
     updates, opt_state = tx.update(grads, state["opt_state"], trainables)
     new_trainables = optax.apply_updates(trainables, updates)
 
-    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-          & (state["first_bad_step"] < 0))
+    healthy = state["first_bad_step"] < 0
+    grads_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = grads_finite & jnp.isfinite(optax.tree.norm(updates)) & healthy
+    newly_bad = ~ok & healthy
+    if loss_scale is not None:
+      new_scale = jax.tree.map(lambda a, b: jnp.where(healthy, a, b),
+                               loss_scale_lib.update(scale, grads_finite, loss_scale), scale)
+      # An overflow under a dynamic scale is skipped, not fatal, until the scale runs out.
+      skipped = ~grads_finite if loss_scale.dynamic else jnp.asarray(False)
+      newly_bad = healthy & ((~ok & ~skipped)
+                             | loss_scale_lib.below_floor(new_scale, loss_scale))
     # Back to the incoming dtypes: the gradients are float32 (divided by the float32 count),
     # which would turn bf16 AdamW moments into float32 after the first step.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype),
@@ -182,13 +235,17 @@ def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTra
         "opt_state": keep(opt_state, state["opt_state"]),
         "step": state["step"] + 1,
         "rng": jax.random.key_data(next_key),
-        "first_bad_step": jnp.where(ok | (state["first_bad_step"] >= 0),
-                                    state["first_bad_step"], state["step"] + 1),
+        "first_bad_step": jnp.where(newly_bad, state["step"] + 1, state["first_bad_step"]),
     }
     if "role_params" in state:
       new_state["role_params"] = {k: new_trainables[k] for k in state["role_params"]}
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
                "target_tokens": count, **_aux_means(aux)}
+    if loss_scale is not None:
+      new_state["loss_scale"] = new_scale
+      # The scale the next step uses, and how many steps have been skipped so far.
+      metrics["loss_scale"] = new_scale["scale"]
+      metrics["skipped_steps"] = new_scale["skipped_steps"]
     return new_state, metrics
 
   return step
@@ -291,6 +348,28 @@ def _place_role(role: roles_lib.Role, mesh: Mesh, rules: mesh_lib.Rules):
   return graphdef, trainable, frozen, shard_t, shard_f
 
 
+def _restore_with_loss_scale(checkpointer: ckpt_lib.Checkpointer, step: int,
+                             state: dict[str, Any], data_iter: Any, saved_scaled: bool,
+                             rep: Any) -> dict[str, Any]:
+  """The state at `step`, also when the compute dtype changed across the restart so that
+  one side has a `loss_scale` entry and the other not (float16 <-> bfloat16): a run that
+  starts scaling begins at its initial scale; one that stops drops the saved scale."""
+  abstract = ckpt_lib.abstract_like(state)
+  fresh = abstract.pop("loss_scale", None)
+  if saved_scaled:
+    abstract["loss_scale"] = fresh or ckpt_lib.abstract_like(
+        jax.device_put(loss_scale_lib.init(loss_scale_lib.LossScale()), rep))
+  # Restores into this run's shardings, whatever mesh or process count wrote it.
+  restored = checkpointer.restore(step, abstract, data_iter)
+  if fresh is None:
+    restored.pop("loss_scale", None)
+  elif not saved_scaled:
+    logging.info("The checkpoint at step %d has no loss scale: float16 loss scaling starts "
+                 "at its initial scale", step)
+    restored["loss_scale"] = state["loss_scale"]
+  return restored
+
+
 def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           train_data: Any, eval_data: list[dict[str, np.ndarray]], train_cfg: TrainConfig,
           opt_cfg: OptimizerConfig, writer: metrics_lib.MetricsWriter,
@@ -315,6 +394,11 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   """
   mesh, rules = mesh_lib.mesh_and_rules(mesh, rules)
   all_roles = {roles_lib.POLICY: policy, **(roles or {})}
+  for role in all_roles.values():  # before anything compiles
+    if role.config is not None:
+      check_dtype_on_backend(role.config)
+  # One scale for every trainable role, chosen by the policy's compute dtype.
+  scaling = train_cfg.resolved_loss_scale(policy.config.dtype if policy.config else "float32")
   graphdefs, trainables, frozen, t_shard, f_shard = {}, {}, {}, {}, {}
   for name, role in all_roles.items():
     graphdefs[name], t, frozen[name], ts, f_shard[name] = _place_role(role, mesh, rules)
@@ -335,7 +419,9 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
                  "rng": rep, "first_bad_step": rep}
   if len(trainables) > 1:
     state_shard["role_params"] = {k: v for k, v in t_shard.items() if k != roles_lib.POLICY}
-  state = jax.jit(lambda t: init_train_state(t, tx, train_cfg.seed),
+  if scaling is not None:
+    state_shard["loss_scale"] = rep
+  state = jax.jit(lambda t: init_train_state(t, tx, train_cfg.seed, scaling),
                   out_shardings=state_shard)(trainables)
   del trainables  # the state holds them now (and is donated to the step)
 
@@ -344,7 +430,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
                                        keep=train_cfg.keep_checkpoints)
   param_driven = isinstance(train_data, BatchSource)
   data_iter = train_data if param_driven else iter(train_data)
-  meta = {"stage": stage, "model": dataclasses.asdict(model_cfg), **(meta or {})}
+  meta = {"stage": stage, "model": dataclasses.asdict(model_cfg),
+          "loss_scale": dataclasses.asdict(scaling) if scaling else None, **(meta or {})}
   latest = checkpointer.latest_step()
   if latest is not None:
     saved = checkpointer.read_meta(latest)
@@ -354,8 +441,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           f"{checkpointer.directory} holds adapters trained on {saved.get('base')}, but this "
           f"run now starts from {meta.get('base')}: use a new --workdir, or start from the "
           "same base")
-    # Restores into this run's shardings, whatever mesh or process count wrote it.
-    state = checkpointer.restore(latest, ckpt_lib.abstract_like(state), data_iter)
+    state = _restore_with_loss_scale(checkpointer, latest, state, data_iter,
+                                     saved.get("loss_scale") is not None, rep)
     logging.info("Resumed %s from step %d in %s", stage, latest, checkpointer.directory)
   writer.resume_from(latest or 0)  # records past the restored step are redone, not repeated
 
@@ -367,7 +454,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
 
   step_fn = jax.jit(
       with_activation_sharding(
-          make_train_step(graphdefs, tx, schedule, loss_fn, train_cfg.grad_accum_steps)),
+          make_train_step(graphdefs, tx, schedule, loss_fn, train_cfg.grad_accum_steps,
+                          scaling)),
       in_shardings=(state_shard, f_shard, batch_shard), out_shardings=(state_shard, rep),
       donate_argnums=0)
   eval_fn = jax.jit(with_activation_sharding(make_eval_step(graphdefs, loss_fn)),
@@ -439,6 +527,14 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
         if bad >= 0:
           checkpointer.wait()
           good = checkpointer.latest_step()
+          if scaling is not None and float(state["loss_scale"]["scale"]) < scaling.min_scale:
+            raise TrainingDivergedError(
+                f"{stage}: float16 gradients overflowed at step {bad} with the loss scale "
+                f"already at TrainConfig.loss_scale_min={scaling.min_scale:g} "
+                f"({int(state['loss_scale']['skipped_steps'])} steps skipped in all): the "
+                "model overflows float16 without any scaling. The parameters were not updated "
+                f"by it; the last good checkpoint is step {good} in {checkpointer.directory}. "
+                "Use ModelConfig.dtype='bfloat16' (float32's range) or 'float32'.")
           raise TrainingDivergedError(
               f"{stage}: the loss or gradient became NaN/Inf at step {bad}; the parameters "
               f"were not updated by it. The last good checkpoint is step {good} in "
@@ -446,6 +542,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
               "or use float32 compute.")
       if step % train_cfg.log_every == 0 or last:
         m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if "skipped_steps" in m:
+          m["skipped_steps"] = int(m["skipped_steps"])
         jax.block_until_ready(state)
         elapsed = time.time() - timer_start
         timed_steps = step - timer_step - (1 if timer_step == first_step else 0)
