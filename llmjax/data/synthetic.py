@@ -273,17 +273,27 @@ def qa_pairs(split: str, num: int | None = None, seed: int = 0) -> list[dict]:
 
 
 def _wrong_answer(rng, pair: dict) -> str:
-  if pair["attribute"] == "arith":
-    delta = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
-    right = int(pair["answer"])
-    return str(right + delta if right + delta >= 0 else right + abs(delta))
-  values = [str(v) for v in _VALUES[pair["attribute"]] if str(v) != pair["answer"]]
-  return _pick(rng, values)
+  """Half the time a plausible wrong answer (another value of the attribute, arithmetic off by
+  1-3), else a confused one (an answer to another kind of question, or a number far off):
+  a reward model trained on both prefers the truth to what a drifting policy says, not only
+  to near misses (PPO against one trained on near misses alone learns to answer '88')."""
+  attribute, right = pair["attribute"], str(pair["answer"])
+  if rng.random() < 0.5:
+    if attribute == "arith":
+      delta = int(rng.integers(1, 4)) * (1 if rng.random() < 0.5 else -1)
+      value = int(right)
+      return str(value + delta if value + delta >= 0 else value + abs(delta))
+    return _pick(rng, [str(v) for v in _VALUES[attribute] if str(v) != right])
+  if rng.random() < 0.5 and right.isdigit():
+    return str(int(right) + int(rng.integers(5, 60)))
+  others = [str(v) for a, values in _VALUES.items() if a != attribute for v in values]
+  return _pick(rng, [v for v in others if v != right])
 
 
 def preference_pairs(split: str, num: int | None = None, seed: int = 0) -> list[dict]:
-  """Dicts with 'prompt', 'chosen' (the true answer) and 'rejected' (a plausible wrong one:
-  another value of the same attribute, or an arithmetic answer off by 1-3)."""
+  """Dicts with 'prompt', 'chosen' (the true answer) and 'rejected' (a wrong one: half of them
+  plausible, another value of the same attribute or arithmetic off by 1-3; half confused, an
+  answer of another kind or a number far off)."""
   rng = _rng(split, seed, purpose=3)
   return [{"prompt": p["question"], "chosen": p["answer"], "rejected": _wrong_answer(rng, p)}
           for p in qa_pairs(split, num, seed)]

@@ -113,16 +113,21 @@ def test_qa_pairs_are_true_and_eval_phrasing_is_held_out():
     synthetic.qa_pairs("eval", num=10**6)
 
 
-def test_preference_pairs_reject_a_plausible_wrong_answer():
+def test_preference_pairs_reject_plausible_and_confused_wrong_answers():
   pairs = synthetic.preference_pairs("train", num=500)
   qa = synthetic.qa_pairs("train", num=500)
   assert [p["prompt"] for p in pairs] == [p["question"] for p in qa]
+  kinds = {"near": 0, "far": 0}
   for p, q in zip(pairs, qa):
     assert p["chosen"] == q["answer"] and p["rejected"] != p["chosen"]
-    if q["attribute"] == "arith":
-      assert 1 <= abs(int(p["rejected"]) - int(p["chosen"])) <= 3
+    own = set(map(str, synthetic._VALUES.get(q["attribute"], ())))
+    if q["attribute"] == "arith" and p["rejected"].isdigit():
+      near = abs(int(p["rejected"]) - int(p["chosen"])) <= 3
     else:
-      assert p["rejected"] in map(str, synthetic._VALUES[q["attribute"]])
+      near = p["rejected"] in own
+    kinds["near" if near else "far"] += 1
+  # Half plausible near misses, half confused answers (another kind, or far off).
+  assert 200 < kinds["near"] < 300 and 200 < kinds["far"] < 300
 
 
 def test_arithmetic_problems_held_out():
