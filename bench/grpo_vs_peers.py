@@ -186,7 +186,7 @@ def worker_llmjax(s: dict, pacer: Pacer, total_steps: int) -> None:
   from llmjax import metrics as metrics_lib
   from llmjax.data.hf_tokenizer import HFTokenizer
   from llmjax.model.config import ModelConfig
-  from llmjax.rl.rollouts import Reward, RolloutConfig, RolloutSource
+  from llmjax.rl.rollouts import GroupAdvantages, Reward, RolloutConfig, RolloutSource
   from llmjax.sample.sampler import Sampler
   from llmjax.stages.grpo import GRPOConfig, grpo_objective
   from llmjax.train import loop, roles
@@ -211,7 +211,7 @@ def worker_llmjax(s: dict, pacer: Pacer, total_steps: int) -> None:
 
   class TimedSampler:
     def __init__(self, sampler):
-      self.sampler = sampler
+      self.sampler, self.graphdef = sampler, sampler.graphdef
     def sample(self, *args, **kwargs):
       t0 = time.perf_counter()
       out = self.sampler.sample(*args, **kwargs)
@@ -227,12 +227,12 @@ def worker_llmjax(s: dict, pacer: Pacer, total_steps: int) -> None:
                     temperature=s["temperature"], loss_type="dapo", epsilon=s["epsilon"],
                     beta=s["beta"], num_iterations=1, rewards=("math_answer",))
   rcfg = RolloutConfig(gcfg.num_generations, gcfg.max_new_tokens, gcfg.temperature, 0, 1.0,
-                       1, "group", "group", False, s["prompt_tokens"] + s["new_tokens"],
-                       s["seed"])
+                       1, False, s["prompt_tokens"] + s["new_tokens"], s["seed"])
   # No stop id: every completion runs to the budget, as in the other two.
   source = PacedSource(SamePrompts(),
                        lambda gd, p: TimedSampler(Sampler(gd, p, tok, eos_ids=[])),
-                       [Reward("has_vowel", lambda completion: has_vowel(completion))], rcfg)
+                       [Reward("has_vowel", lambda completion: has_vowel(completion))], rcfg,
+                       GroupAdvantages(gcfg.num_generations))
   graphdef, params = loop.init_params(cfg, s["seed"])
   policy = roles.policy_role(cfg, init=params, seed=s["seed"])
   reference = roles.Role.frozen(graphdef, params, cfg)
