@@ -231,6 +231,16 @@ def length_penalty(num_tokens: int, max_tokens: int, *, free_tokens: int = 0,
   return -scale * min(max(frac, 0.0), 1.0)
 
 
+def reference_match(completion: str, reference: str | float) -> float:
+  """1.0 when a completion gives the reference answer: a number by `math_answer`, a text
+  answer by exact match after `instructions.normalize_answer` (case, spaces, a final
+  period). What held-out accuracy and exact match count."""
+  if isinstance(reference, str):
+    from llmjax.data.instructions import normalize_answer
+    return float(normalize_answer(completion) == normalize_answer(reference))
+  return math_answer(completion, reference)
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., float]] = {
     "math_answer": math_answer,
     "format": format_reward,

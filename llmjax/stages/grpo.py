@@ -35,7 +35,7 @@ from llmjax.model.lora import LoraConfig
 from llmjax.parallel import distributed, mesh as mesh_lib
 from llmjax.rl import advantages as adv_lib
 from llmjax.rl.policy_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
-from llmjax.rl.rewards import math_answer
+from llmjax.rl.rewards import reference_match
 from llmjax.rl.rollouts import GroupAdvantages, Reward, RolloutConfig, RolloutSource
 from llmjax.runs.load import has_checkpoint
 from llmjax.sample.sampler import Sampler, sample_per_process
@@ -211,14 +211,15 @@ def _old_logps_fn(ctx: RunContext):
 
 def accuracy(graphdef: nnx.GraphDef, params: Any, tokenizer: Any, template: str,
              items: Sequence[dict[str, Any]], max_new_tokens: int) -> dict[str, float]:
-  """Greedy answers to held-out prompts, checked by `math_answer`: the fraction right (over
-  every process's share of `items`; each process passes as many)."""
+  """Greedy answers to held-out prompts, checked by `reference_match` (`math_answer` for
+  numbers): the fraction right (over every process's share of `items`; each process passes
+  as many)."""
   if not items:
     return {}
   sampler = Sampler(graphdef, params, tokenizer, eos_ids=chat.stop_token_ids(tokenizer, template))
   out = sample_per_process(sampler, [it["prompt_ids"] for it in items],
                            max_new_tokens=max_new_tokens)
-  right = sum(math_answer(out.texts[i][0], it["answer"]) for i, it in enumerate(items))
+  right = sum(reference_match(out.texts[i][0], it["answer"]) for i, it in enumerate(items))
   right, n = distributed.gather_floats([right, len(items)]).sum(axis=0)
   return {"accuracy": float(right / n), "accuracy_n": int(n)}
 
@@ -318,6 +319,10 @@ def grpo_stage(model: ModelConfig = gin.REQUIRED,
   `reference_from`: the KL reference when `GRPOConfig.beta > 0` (default: the start; with
   LoRA, the base with adapters off)."""
   chat.get_template(chat_template)
+  if "math_answer" in grpo.rewards and data.format not in prompts_lib.NUMERIC_FORMATS:
+    raise ConfigError(f"grpo: the math_answer reward checks numeric answers, but "
+                      f"PromptDataConfig.format={data.format!r} has text answers: use one of "
+                      f"{prompts_lib.NUMERIC_FORMATS}, or other rewards")
   rows = data.prompts_per_step * grpo.num_generations
   if rows % (grpo.steps_per_generation * train.grad_accum_steps):
     raise ConfigError(f"grpo: prompts_per_step x num_generations = {rows} rows do not split "

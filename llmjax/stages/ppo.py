@@ -33,14 +33,14 @@ import numpy as np
 from flax import nnx
 
 from llmjax import metrics as metrics_lib
-from llmjax.data import chat, instructions, prompts as prompts_lib
+from llmjax.data import chat, prompts as prompts_lib
 from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 from llmjax.model.lora import LoraConfig
 from llmjax.model.reward import ValueHead, end_scores, init_reward_model, reward_config
 from llmjax.parallel import distributed, mesh as mesh_lib
 from llmjax.rl import ppo as ppo_lib
-from llmjax.rl.rewards import math_answer
+from llmjax.rl.rewards import reference_match
 from llmjax.rl.rollouts import Finish, RolloutConfig, RolloutSource, training_rows
 from llmjax.runs.load import has_checkpoint
 from llmjax.sample.sampler import Sampler, sample_per_process
@@ -248,8 +248,8 @@ def value_head_role(cfg: ModelConfig, seed: int) -> roles_lib.Role:
 
 class HeldOut:
   """Greedy answers to held-out prompts: the reward model's mean score of them and, where the
-  prompts have reference answers, the fraction right (exact match for text answers,
-  `math_answer` for numbers). Every process passes its share; the figures cover all."""
+  prompts have reference answers, the fraction right (`reference_match`: exact match for text
+  answers, `math_answer` for numbers). Every process passes its share; the figures cover all."""
 
   def __init__(self, reward, tokenizer, template: str, items: Sequence[dict[str, Any]],
                max_new_tokens: int, seq_len: int, mesh, rules):
@@ -284,12 +284,7 @@ class HeldOut:
       if answer is None:
         continue
       judged += 1
-      text = out.texts[i][0]
-      if isinstance(answer, str):
-        norm = instructions.normalize_answer
-        right += float(norm(text) == norm(answer))
-      else:
-        right += math_answer(text, answer)
+      right += reference_match(out.texts[i][0], answer)
     total_score, n, right, judged = distributed.gather_floats(
         [float(scores.sum()), len(self.items), right, judged]).sum(axis=0)
     result = {"rm_score": float(total_score / n), "rm_score_n": int(n)}

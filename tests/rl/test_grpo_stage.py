@@ -201,6 +201,9 @@ def test_bad_settings_and_failing_rewards():
     GRPOConfig(num_generations=1)
   with pytest.raises(ConfigError, match=r"loss_type='ppo'"):
     GRPOConfig(loss_type="ppo")
+  with pytest.raises(ConfigError, match=r"math_answer reward checks numeric answers"):
+    grpo_stage(model=TEST_MODEL, train=loop.TrainConfig(total_steps=1),
+               data=prompts_lib.PromptDataConfig(format="builtin_questions"))
 
   def broken(completion):
     raise ValueError("boom")

@@ -121,3 +121,10 @@ def test_resolve_reward():
     R.resolve_reward("no_such_module_xyz.reward")
   with pytest.raises(ConfigError, match="no callable 'nope'"):
     R.resolve_reward("llmjax.rl.rewards.nope")
+
+
+@pytest.mark.parametrize("completion,reference,expected", [
+    ("Green.", "green", 1.0), ("  a Horse ", "a horse", 1.0), ("a horse", "a cat", 0.0),
+    ("The answer is 36", 36.0, 1.0), ("#### 35", 36.0, 0.0), ("47", "47", 1.0)])
+def test_reference_match_reads_text_and_numbers(completion, reference, expected):
+  assert R.reference_match(completion, reference) == expected
