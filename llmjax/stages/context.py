@@ -17,6 +17,9 @@ from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"
+# `init_from` value for a fresh random init, also after earlier stages (a second student of
+# another shape, a teacher trained beside its student).
+RANDOM_INIT = "random"
 
 
 @gin.configurable
@@ -39,12 +42,14 @@ class StageOutput:
   """A finished stage's model, kept by the pipeline under the stage's name.
 
   `params` is the whole state (a LoRA stage's base and adapters); `source` says where its
-  checkpoint lives, and is what a stage trained on it records as its base.
+  checkpoint lives, and is what a stage trained on it records as its base. `tokenizer` is
+  the one it was trained with (None: unknown, e.g. an import saved without one).
   """
   graphdef: Any
   params: Any
   model_cfg: ModelConfig
   source: dict[str, Any]
+  tokenizer: Any = None
 
   def float_params(self) -> Any:
     """The parameters of a plain float model (LoRA adapters merged, quantized weights
@@ -107,13 +112,16 @@ class RunContext:
       self.tokenizer = loaded.tokenizer
     logging.info("%s: %s (stage %s, step %d)", what, source, loaded.stage, loaded.step)
     self._loaded[source] = StageOutput(loaded.graphdef, loaded.params, loaded.model_cfg,
-                                       loaded.source)
+                                       loaded.source, loaded.tokenizer)
     return self._loaded[source]
 
   def start(self, init_from: str | None, model_cfg: ModelConfig,
             what: str) -> StageOutput | None:
     """Where a stage starts: `init_from` when set, else the stage before it in this run
-    (None for the first stage: a random init). The model shapes must match."""
+    (None for the first stage, or `init_from = 'random'`: a random init). The model shapes
+    must match."""
+    if init_from == RANDOM_INIT:
+      return None
     if init_from:
       start = self.resolve(init_from, what)
     elif self.last_stage is not None:
@@ -155,7 +163,7 @@ class RunContext:
     """Keeps a finished stage's model under its name for the stages after it."""
     self.outputs[name] = StageOutput(graphdef, params, model_cfg,
                                      {"workdir": os.path.abspath(self.workdir), "stage": name,
-                                      "step": step})
+                                      "step": step}, self.tokenizer)
     self.last_stage = name
 
   def ensure_tokenizer(self, cfg: TokenizerConfig, documents: Any, model_cfg: ModelConfig,
