@@ -172,7 +172,8 @@ def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.A
 
 def distill_loss(student, teacher, batch: dict[str, jax.Array], *, beta: float,
                  temperature: float = 1.0, alpha: float = 0.0, chunk_size: int = 0,
-                 top_k: int = 0, top_k_tail: bool = True):
+                 top_k: int = 0, top_k_tail: bool = True,
+                 reference_rows: jax.Array | None = None):
   """alpha * next-token CE + (1 - alpha) * generalized JSD on a packed batch, in the train
   loop's convention: (loss sum, trained-position count, {name: (sum, count)}).
 
@@ -192,10 +193,15 @@ def distill_loss(student, teacher, batch: dict[str, jax.Array], *, beta: float,
       `chunk_size` positions at a time inside a scan, recomputed in the backward pass, so the
       `[batch, seq, vocab]` logits of neither model exist at full length (the hidden states,
       `[batch, seq, d_model]`, do). seq must be a multiple of it.
+    reference_rows: `[batch]`, 1 where a row's targets are reference text and 0 where they
+      were sampled from the student (on-policy rows, GKD): the next-token term and both CE
+      metrics count reference rows only, since the likelihood of the student's own sample
+      is no target to fit; the divergence counts every row. None: every row is reference.
   Returns:
     (alpha * ce_sum + (1 - alpha) * jsd_sum, count, aux) with aux `jsd`, `ce` (the
-    student's next-token loss) and `teacher_ce` (the teacher's), each a (sum, count) pair;
-    all float32 scalars.
+    student's next-token loss) and `teacher_ce` (the teacher's), each a (sum, count) pair
+    (the CE pairs over reference rows); all float32 scalars. `count` is every trained
+    position, so a sampled row's tokens weigh (1 - alpha) * JSD in the mean.
   """
   check_settings("distill_loss", beta=beta, temperature=temperature, top_k=top_k, alpha=alpha)
   s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
@@ -209,20 +215,22 @@ def distill_loss(student, teacher, batch: dict[str, jax.Array], *, beta: float,
     raise ConfigError(f"distill_loss: seq_len {seq_len} is not a multiple of the loss chunk_size "
                       f"{chunk_size}; pick a chunk_size that divides it (or 0 for no chunks)")
   weights = target_weights(batch)
+  ce_weights = (weights if reference_rows is None
+                else weights * reference_rows.astype(jnp.float32)[:, None])
   inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
   student_hidden = student.hidden_states(*inputs)
   teacher_hidden = jax.lax.stop_gradient(teacher.hidden_states(*inputs))
 
-  def sums(h_s, h_t, targets, w):
+  def sums(h_s, h_t, targets, w, ce_w):
     s_logits = student.logits(h_s)
     t_logits = jax.lax.stop_gradient(teacher.logits(h_t))
     jsd, _ = generalized_jsd(s_logits, t_logits, w, beta=beta, temperature=temperature,
                              top_k=top_k, top_k_tail=top_k_tail)
-    ce, _ = token_cross_entropy(s_logits, targets, w)
-    teacher_ce, _ = token_cross_entropy(t_logits, targets, w)
+    ce, _ = token_cross_entropy(s_logits, targets, ce_w)
+    teacher_ce, _ = token_cross_entropy(t_logits, targets, ce_w)
     return jnp.stack([jsd, ce, teacher_ce])
 
-  xs = (student_hidden, teacher_hidden, batch["targets"], weights)
+  xs = (student_hidden, teacher_hidden, batch["targets"], weights, ce_weights)
   if not chunk_size:
     totals = sums(*xs)
   else:
@@ -232,6 +240,7 @@ def distill_loss(student, teacher, batch: dict[str, jax.Array], *, beta: float,
     totals, _ = jax.lax.scan(lambda carry, x: (carry + chunk_sums(*x), None),
                              jnp.zeros((3,), jnp.float32), tuple(split(x) for x in xs))
   jsd, ce, teacher_ce = totals[0], totals[1], totals[2]
-  count = jnp.sum(weights)
+  count, ce_count = jnp.sum(weights), jnp.sum(ce_weights)
   loss = alpha * ce + (1.0 - alpha) * jsd
-  return loss, count, {"jsd": (jsd, count), "ce": (ce, count), "teacher_ce": (teacher_ce, count)}
+  return loss, count, {"jsd": (jsd, count), "ce": (ce, ce_count),
+                       "teacher_ce": (teacher_ce, ce_count)}

@@ -3,6 +3,11 @@
 A gin file lists the stages (`pipeline.stages = ['pretrain', 'sft']`); each name maps to a
 gin-configurable factory here. All stages are configured before the first one runs, so a
 missing or wrong value anywhere fails before any compile.
+
+A stage kind may run more than once under other names: `'NAME/KIND'` (e.g. `'ce/sft'`) is a
+`KIND` stage named `NAME`, configured in gin scope `NAME` (`ce/sft.model = ...`; its unscoped
+`sft.*` bindings apply where the scope binds nothing), with its checkpoints, metrics and
+model kept under `NAME` (what other stages' `init_from` / `teacher_from` name).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import gin
 from llmjax.errors import ConfigError
 from llmjax.model.config import check_dtype_on_backend
 from llmjax.stages.context import RunContext
+from llmjax.stages.distill import distill_stage
 from llmjax.stages.dpo import dpo_stage
 from llmjax.stages.grpo import grpo_stage
 from llmjax.stages.ppo import ppo_stage
@@ -29,27 +35,49 @@ STAGES: dict[str, Callable[[], Any]] = {
     "dpo": dpo_stage,
     "grpo": grpo_stage,
     "ppo": ppo_stage,
+    "distill": distill_stage,
 }
+
+
+def stage_entry(entry: str) -> tuple[str, str]:
+  """`'sft'` -> ('sft', 'sft'); `'ce/sft'` -> ('ce', 'sft'): (the stage's name, its kind)."""
+  name, _, kind = entry.rpartition("/")
+  return (name or kind), kind
 
 
 @gin.configurable
 def pipeline(stages: Sequence[str] = ("pretrain",)) -> list[str]:
-  """The stage names to run, in order."""
-  unknown = [s for s in stages if s not in STAGES]
+  """The stages to run, in order: kinds (`'sft'`) or named instances (`'ce/sft'`)."""
+  unknown = [s for s in stages if stage_entry(s)[1] not in STAGES]
   if unknown:
     raise ConfigError(f"pipeline.stages names unknown stage(s) {unknown}; known stages are "
-                      f"{sorted(STAGES)}")
+                      f"{sorted(STAGES)} (or 'NAME/KIND' for another instance of a KIND)")
   if not stages:
     raise ConfigError("pipeline.stages is empty: name at least one stage")
+  names = [stage_entry(s)[0] for s in stages]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ConfigError(f"pipeline.stages runs {repeated} more than once under one name: give "
+                      "the others names of their own ('NAME/KIND', e.g. 'ce/sft')")
   return list(stages)
 
 
 def configure_stages() -> list[Any]:
   """Builds every stage of the pipeline from the parsed gin config."""
-  stages = [STAGES[name]() for name in pipeline()]
-  for stage in stages:
+  stages = []
+  for entry in pipeline():
+    name, kind = stage_entry(entry)
+    if name == kind:
+      stage = STAGES[kind]()
+    else:
+      with gin.config_scope(name):
+        stage = STAGES[kind]()
+      # Stages are frozen dataclasses whose class attribute `name` is their kind's: this
+      # instance's own name shadows it (checkpoints, metrics and outputs go by `stage.name`).
+      object.__setattr__(stage, "name", name)
     _check_required(stage, stage.name)
     _check_precision(stage)
+    stages.append(stage)
   return stages
 
 

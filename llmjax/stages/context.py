@@ -17,6 +17,9 @@ from llmjax.errors import ConfigError
 from llmjax.model.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"
+# `init_from` value for a fresh random init, also after earlier stages (a second student of
+# another shape, a teacher trained beside its student).
+RANDOM_INIT = "random"
 
 
 @gin.configurable
@@ -39,7 +42,8 @@ class StageOutput:
   """A finished stage's model, kept by the pipeline under the stage's name.
 
   `params` is the whole state (a LoRA stage's base and adapters); `source` says where its
-  checkpoint lives, and is what a stage trained on it records as its base.
+  checkpoint lives, and is what a stage trained on it records as its base. `tokenizer` is
+  the one it was trained with (None: unknown, e.g. an import saved without one).
   """
   graphdef: Any
   params: Any
@@ -129,8 +133,11 @@ class RunContext:
   def start(self, init_from: str | None, model_cfg: ModelConfig,
             what: str) -> StageOutput | None:
     """Where a stage starts: `init_from` when set, else the stage before it in this run
-    (None for the first stage: a random init); a language-model stage passes over reward
-    models (PPO after `rm` starts from the policy before it). The model shapes must match."""
+    (None for the first stage, or `init_from = 'random'`: a random init); a language-model
+    stage passes over reward models (PPO after `rm` starts from the policy before it). The
+    model shapes must match."""
+    if init_from == RANDOM_INIT:
+      return None
     if init_from:
       start = self.resolve(init_from, what)
     elif self.last_stage is not None:

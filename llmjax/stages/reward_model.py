@@ -26,7 +26,7 @@ from llmjax.model.config import ModelConfig
 from llmjax.model.lora import LoraConfig
 from llmjax.model.reward import reward_config, sequence_end_mask
 from llmjax.preference.losses import reward_loss
-from llmjax.stages.context import RunContext, TokenizerConfig
+from llmjax.stages.context import RANDOM_INIT, RunContext, TokenizerConfig
 from llmjax.stages.preference_data import prepare_pairs
 from llmjax.train import loop
 from llmjax.train.optimizer import OptimizerConfig
@@ -77,7 +77,7 @@ class RewardModel:
   def run(self, ctx: RunContext) -> loop.TrainResult:
     policy, start_meta = ctx.policy(self.name, self.model, self.init_from, self.lora,
                                     self.train.seed)
-    has_start = bool(self.init_from or ctx.last_stage)
+    has_start = self.init_from != RANDOM_INIT and bool(self.init_from or ctx.last_stage)
     pairs = prepare_pairs(ctx, self.name, self.data, self.tokenizer, self.model,
                           self.chat_template, has_start=has_start)
     pid, nproc = jax.process_index(), jax.process_count()

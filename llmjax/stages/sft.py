@@ -22,7 +22,7 @@ from llmjax.data import chat, instructions
 from llmjax.model.config import ModelConfig
 from llmjax.model.lora import LoraConfig
 from llmjax.sample.sampler import Sampler
-from llmjax.stages.context import RunContext, TokenizerConfig
+from llmjax.stages.context import RANDOM_INIT, RunContext, TokenizerConfig
 from llmjax.train import loop
 from llmjax.train.losses import lm_objective
 from llmjax.train.optimizer import OptimizerConfig
@@ -109,7 +109,8 @@ class SFT:
   def _tokenizer(self, ctx: RunContext, convs: list) -> Any:
     texts = [chat.render_text(c, self.chat_template) for c in convs]
     tokenizer = ctx.ensure_tokenizer(self.tokenizer, texts, self.model, self.name,
-                                     has_start=bool(ctx.last_stage or self.init_from))
+                                     has_start=self.init_from != RANDOM_INIT
+                                     and bool(ctx.last_stage or self.init_from))
     chat.stop_token_ids(tokenizer, self.chat_template)  # ConfigError if it lacks the tokens
     return tokenizer
 

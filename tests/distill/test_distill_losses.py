@@ -336,6 +336,28 @@ def test_distill_loss_is_the_mix_of_ce_and_jsd(models):
   assert jsd > 0 and abs(ce - teacher_ce) > 1e-3
 
 
+def test_sampled_rows_get_no_ce(models):
+  # Row 1 marked sampled (on-policy): the CE term and metrics count row 0 alone, the
+  # divergence both rows, and the loss is alpha * CE(row 0) + (1 - alpha) * JSD(both).
+  student, teacher = models
+  batch = packed_batch()
+  kw = dict(beta=0.5, temperature=1.0, alpha=0.4, chunk_size=8)
+  row0 = dict(batch, loss_mask=batch["loss_mask"].at[1].set(0))
+
+  @nnx.jit
+  def three(student, teacher):
+    return (losses.distill_loss(student, teacher, batch, reference_rows=jnp.asarray([1.0, 0.0]),
+                                **kw),
+            losses.distill_loss(student, teacher, batch, **kw),
+            losses.distill_loss(student, teacher, row0, **kw))
+  (loss, count, aux), (_, _, whole), (_, count0, aux0) = three(student, teacher)
+  assert count == whole["jsd"][1] and aux["ce"][1] == count0 < count
+  np.testing.assert_allclose(aux["ce"][0], aux0["ce"][0], rtol=1e-6)
+  np.testing.assert_allclose(aux["teacher_ce"][0], aux0["teacher_ce"][0], rtol=1e-6)
+  np.testing.assert_allclose(aux["jsd"][0], whole["jsd"][0], rtol=1e-6)
+  np.testing.assert_allclose(loss, 0.4 * aux0["ce"][0] + 0.6 * whole["jsd"][0], rtol=1e-5)
+
+
 def test_chunked_equals_unchunked(models):
   student, teacher = models
   batch = packed_batch(seed=1)

@@ -1,6 +1,6 @@
-"""One DPO step (with a reference role), one reward-model step and one GRPO step (dapo, with a
-KL to a reference) on 8 simulated CPU devices, with 2 microbatches, vs one device without
-accumulation. Run as a script (the device count is
+"""One DPO step (with a reference role), one reward-model step, one GRPO step (dapo, with a
+KL to a reference) and one distill step (a wider teacher, chunked loss, some rows on-policy)
+on 8 simulated CPU devices, with 2 microbatches, vs one device without accumulation. Run as a script (the device count is
 fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
 
 import json
@@ -90,6 +90,23 @@ def main():
                        "reference": Role.frozen(ref_graphdef, ref_params, TEST_MODEL)},
                       grpo_objective(grpo_cfg))
   batches = {"grpo": rollout}
+  # Distill: a wider, deeper teacher; CE mixed in (alpha), chunked over positions, and two
+  # rows marked sampled (on-policy: no CE there), one in each microbatch.
+  import dataclasses
+  from llmjax.data import instructions
+  from llmjax.stages.distill import TEACHER, DistillConfig, distill_objective
+  sft_data = instructions.SFTDataConfig(seq_len=64, batch_size=8, builtin_train=200)
+  convs, _, _ = instructions.conversations(sft_data)
+  sft_ex, _ = instructions.tokenize_conversations(convs, tokenizer, "chatml", 64, "drop")
+  sft_batch = dict(next(iter(instructions.train_batches(sft_ex, sft_data))))
+  sft_batch["sampled"] = np.asarray([0, 1, 0, 0, 1, 0, 0, 0], np.float32)
+  teacher_cfg = dataclasses.replace(TEST_MODEL, d_model=96, d_ff=192, n_layers=3)
+  teacher = nnx.split(build_model(teacher_cfg, seed=4))
+  variants["distill"] = ({"policy": policy_role(TEST_MODEL, base),
+                          TEACHER: Role.frozen(*teacher, teacher_cfg)},
+                         distill_objective(DistillConfig(beta=0.5, alpha=0.3, temperature=2.0),
+                                           chunk_size=16))
+  batches["distill"] = sft_batch
 
   # PPO: the rollout's scoring (reward model, values, KL, GAE, whitening over the whole
   # batch) on the mesh, then a step of policy + value model.

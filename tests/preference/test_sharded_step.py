@@ -1,5 +1,6 @@
-"""The DPO and reward-model steps sharded over 8 simulated devices with 2 microbatches equal
-one device in one batch: pairs stay whole across microbatches and devices."""
+"""The DPO, reward-model, GRPO and distill steps sharded over 8 simulated devices with 2
+microbatches equal one device in one batch: pairs stay whole across microbatches and
+devices."""
 
 import json
 import os
@@ -64,4 +65,14 @@ def test_sharded_ppo_rollout_and_step_equal_one_device(results):
   got, ref = r["metrics"], r["ref_metrics"]
   for key in ("loss", "grad_norm", "value_loss", "policy_loss", "approxkl"):
     assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+  assert r["param_max_diff"] < 1e-4 * r["param_max_change"]
+
+
+def test_sharded_accumulated_distill_step_equals_one_device(results):
+  r = results["distill"]
+  got, ref = r["metrics"], r["ref_metrics"]
+  assert got["target_tokens"] == ref["target_tokens"] > 0
+  for key in ("loss", "grad_norm", "jsd", "ce", "teacher_ce"):
+    assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+  assert ref["jsd"] > 0 and ref["grad_norm"] > 0
   assert r["param_max_diff"] < 1e-4 * r["param_max_change"]
