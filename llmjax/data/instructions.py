@@ -245,6 +245,19 @@ def tokenize_conversations(convs: Sequence[list[dict[str, str]]], tokenizer: Any
 
 # ---- Packing ----
 
+
+def tokenize_splits(train: Sequence[Any], evals: Sequence[Any], skipped: int, tokenizer: Any,
+                    template: str, cfg: "SFTDataConfig") -> tuple[list, list, dict[str, int]]:
+  """(train examples, eval examples, counts) of `conversations()`'s splits, rendered with
+  `template` and fitted to `cfg.seq_len` by `cfg.overlong`: what every SFT-data stage does."""
+  train_ex, train_stats = tokenize_conversations(train, tokenizer, template, cfg.seq_len,
+                                                 cfg.overlong)
+  eval_ex, eval_stats = tokenize_conversations(evals, tokenizer, template, cfg.seq_len,
+                                               cfg.overlong)
+  counts = {**train_stats.as_dict("train_"), **eval_stats.as_dict("eval_"),
+            "skipped_lines": skipped}
+  return train_ex, eval_ex, counts
+
 def pack_examples(ds: grain.IterDataset, seq_len: int, rows: int,
                   seed: int = 0) -> grain.IterDataset:
   """First-fit packs whole examples into `seq_len` rows (padding instead of splitting).

@@ -196,13 +196,8 @@ class Distill:
                                      has_start=start is not None)
     check_teacher(self.model, teacher, tokenizer, self.teacher_from)
     stop_ids = chat.stop_token_ids(tokenizer, self.chat_template)
-    seq, rule = self.data.seq_len, self.data.overlong
-    train_ex, train_stats = instructions.tokenize_conversations(
-        train_convs, tokenizer, self.chat_template, seq, rule)
-    eval_ex, eval_stats = instructions.tokenize_conversations(
-        eval_convs, tokenizer, self.chat_template, seq, rule)
-    counts = {**train_stats.as_dict("train_"), **eval_stats.as_dict("eval_"),
-              "skipped_lines": skipped}
+    train_ex, eval_ex, counts = instructions.tokenize_splits(
+        train_convs, eval_convs, skipped, tokenizer, self.chat_template, self.data)
     pid, nproc = jax.process_index(), jax.process_count()
     source = DistillBatches(
         instructions.train_batches(train_ex, self.data, pid, nproc),

@@ -73,14 +73,10 @@ class SFT:
                                     self.train.seed)
     train_convs, eval_convs, skipped = instructions.conversations(self.data)
     tokenizer = self._tokenizer(ctx, train_convs)
-    seq, rule = self.data.seq_len, self.data.overlong
-    train_ex, train_stats = instructions.tokenize_conversations(
-        train_convs, tokenizer, self.chat_template, seq, rule)
-    eval_ex, eval_stats = instructions.tokenize_conversations(
-        eval_convs, tokenizer, self.chat_template, seq, rule)
-    counts = {**train_stats.as_dict("train_"), **eval_stats.as_dict("eval_"),
-              "skipped_lines": skipped}
-    logging.info("sft data (%s, overlong=%s): %s", self.chat_template, rule, counts)
+    train_ex, eval_ex, counts = instructions.tokenize_splits(
+        train_convs, eval_convs, skipped, tokenizer, self.chat_template, self.data)
+    logging.info("sft data (%s, overlong=%s): %s", self.chat_template, self.data.overlong,
+                 counts)
     pid, nproc = jax.process_index(), jax.process_count()
     train_ds = instructions.train_batches(train_ex, self.data, pid, nproc)
     eval_data = instructions.eval_batches(eval_ex, self.data, pid, nproc)
