@@ -19,6 +19,8 @@ import os
 from absl import app, flags
 
 from llmjax.cli import common, gin_flags
+# The sweep's runs are configured as llmjax-train configures one; --workdir is its flag.
+from llmjax.cli import train as train_cli
 
 SWEEP_GIN_FILE = "experiments/tiny/scaling_sweep.gin"
 
@@ -34,7 +36,6 @@ flags.DEFINE_float("mfu", None, "plan: model FLOPs utilization you expect, e.g. 
 flags.DEFINE_integer("seq_len", 2048, "plan: sequence length of the planned run.")
 flags.DEFINE_string("preset", None, "plan: use this preset rather than the nearest one.")
 flags.DEFINE_string("out", None, "plan: write the experiment (gin) file here.")
-flags.DEFINE_string("workdir", None, "sweep: where the runs, fit and plot go.")
 
 
 def plan_main() -> None:
@@ -63,11 +64,12 @@ def plan_main() -> None:
 
 def sweep_main() -> None:
   from llmjax.scaling import report, sweep
-  if not FLAGS.workdir:
+  workdir = train_cli.FLAGS.workdir
+  if not workdir:
     raise app.UsageError("sweep needs --workdir")
   files = FLAGS.gin_file or [SWEEP_GIN_FILE]
-  results = sweep.run_sweep(files, FLAGS.gin_bindings, FLAGS.workdir)
-  report.write_report(FLAGS.workdir, results)
+  results = sweep.run_sweep(files, FLAGS.gin_bindings, workdir)
+  report.write_report(workdir, results)
 
 
 def main(argv):

@@ -33,6 +33,32 @@ def optima(law: laws.LossLaw, budgets: Sequence[float]) -> list[dict[str, float]
   return rows
 
 
+def isoflop_minima(results: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+  """Hoffmann et al.'s approach 2: each budget's optimum from a parabola in log N through its
+  best run and that run's two neighbours in N; a budget whose best run is its smallest or
+  largest model has no interior minimum and is left out."""
+  rows = []
+  for c in sorted({r["budget"] for r in results}):
+    runs = sorted((r for r in results if r["budget"] == c), key=lambda r: r["params"])
+    best = min(range(len(runs)), key=lambda i: runs[i]["eval_loss"])
+    if best in (0, len(runs) - 1):
+      continue
+    near = runs[best - 1:best + 2]
+    curve = np.polyfit(np.log([r["params"] for r in near]), [r["eval_loss"] for r in near], 2)
+    n = float(np.exp(-curve[1] / (2 * curve[0])))
+    rows.append({"budget": c, "params": n, "tokens": c / (6 * n),
+                 "tokens_per_param": c / (6 * n * n)})
+  return rows
+
+
+def minima_exponent(minima: Sequence[dict[str, float]]) -> float | None:
+  """The slope of log N_opt on log C across budgets (approach 2's a), None below 2 budgets."""
+  if len(minima) < 2:
+    return None
+  return float(np.polyfit(np.log([m["budget"] for m in minima]),
+                          np.log([m["params"] for m in minima]), 1)[0])
+
+
 def markdown(results: Sequence[dict[str, Any]], fitted: fit_lib.Fit | None) -> str:
   """The runs, the fitted law and each budget's optimum beside its best run."""
   lines = ["| budget (FLOPs) | model | N | D | D/N | steps | eval loss | time (s) |",
@@ -41,6 +67,14 @@ def markdown(results: Sequence[dict[str, Any]], fitted: fit_lib.Fit | None) -> s
     lines.append(f"| {r['budget']:.0e} | {r['model']} | {r['params']:,} | {r['tokens']:,} | "
                  f"{r['tokens'] / r['params']:.1f} | {r['steps']} | {r['eval_loss']:.4f} | "
                  f"{r['seconds']:.0f} |")
+  minima = isoflop_minima(results)
+  if minima:
+    slope = minima_exponent(minima)
+    lines += ["", "IsoFLOP minima (approach 2: parabola in log N through each budget's best run "
+              "and its neighbours)" + (f": N_opt ~ C^{slope:.3f}" if slope is not None else ""),
+              "", "| budget (FLOPs) | N_opt | D_opt | D/N |", "|---|---|---|---|"]
+    lines += [f"| {m['budget']:.0e} | {m['params']:,.0f} | {m['tokens']:,.0f} | "
+              f"{m['tokens_per_param']:.1f} |" for m in minima]
   if fitted is None:
     return "\n".join(lines) + "\n"
   law = fitted.law
@@ -61,7 +95,8 @@ def markdown(results: Sequence[dict[str, Any]], fitted: fit_lib.Fit | None) -> s
 
 
 def plot(results: Sequence[dict[str, Any]], law: laws.LossLaw | None, path: str) -> bool:
-  """Loss vs N per budget (points: runs; lines: the fit at 6 N D = C; stars: its optimum).
+  """Loss vs N per budget (points: runs; lines: the fit at 6 N D = C; stars: its optimum;
+  dotted: the IsoFLOP parabola's minimum).
 
   Returns False, drawing nothing, when matplotlib is not installed.
   """
@@ -85,6 +120,9 @@ def plot(results: Sequence[dict[str, Any]], law: laws.LossLaw | None, path: str)
       n_opt, d_opt = laws.optimal_allocation(c, law)
       ax.plot([n_opt], [laws.chinchilla_loss(n_opt, d_opt, law)], "*", color=color, ms=14,
               markeredgecolor="black")
+  for m in isoflop_minima(results):
+    color = colors[budgets.index(m["budget"])]
+    ax.axvline(m["params"], color=color, ls=":", lw=1)
   ax.set_xscale("log")
   ax.set_xlabel("parameters N (embeddings included)")
   ax.set_ylabel("final eval loss (nats/token)")
@@ -111,6 +149,8 @@ def write_report(workdir: str, results: Sequence[dict[str, Any]], log=print) -> 
   record = {"runs": list(results), "law": law.to_dict() if law else None,
             "a": law.a if law else None, "b": law.b if law else None,
             "optima": optima(law, sorted({r["budget"] for r in results})) if law else [],
+            "isoflop_minima": isoflop_minima(results),
+            "isoflop_minima_a": minima_exponent(isoflop_minima(results)),
             "chinchilla": laws.CHINCHILLA.to_dict()}
   with open(os.path.join(workdir, FIT_FILE), "w") as f:
     json.dump(record, f, indent=2)

@@ -57,3 +57,19 @@ def test_report_without_enough_runs_writes_the_table_and_says_why(tmp_path):
   assert record["law"] is None and "at least 5" in said[0]
   assert "| 1e+12 | d16 | 20,000 | 8,000,000 | 400.0 | 10 | 1.5000 |" in (
       tmp_path / report.TABLE_FILE).read_text()
+
+
+def test_isoflop_minima_find_each_budgets_optimum():
+  # Losses that are exactly a parabola in log N with its minimum at N = 1e5 * (C / 1e12)^0.5.
+  runs = []
+  for c in (1e12, 1e14):
+    center = np.log(1e5 * (c / 1e12) ** 0.5)
+    for n in np.geomspace(1e4, 1e7, 7):
+      runs.append({"budget": c, "params": n, "eval_loss": 1 + (np.log(n) - center) ** 2})
+  runs.append({"budget": 1e16, "params": 1e4, "eval_loss": 0.5})  # minimum at the edge: left out
+  runs.append({"budget": 1e16, "params": 1e5, "eval_loss": 0.6})
+  minima = report.isoflop_minima(runs)
+  assert [m["budget"] for m in minima] == [1e12, 1e14]
+  assert minima[0]["params"] == pytest.approx(1e5) and minima[1]["params"] == pytest.approx(1e6)
+  assert minima[1]["tokens_per_param"] == pytest.approx(1e14 / 6 / 1e12)
+  assert report.minima_exponent(minima) == pytest.approx(0.5)
