@@ -34,6 +34,8 @@ setuptools.setup(
                  "transformers>=4.45", "peft>=0.13"],
         # The viewer for <workdir>/tensorboard (runs write the event files without it).
         "tensorboard": ["tensorboard>=2.15"],
+        # `llmjax-scaling sweep` draws isoflop.png with it (the fit is written without it).
+        "plot": ["matplotlib>=3.7"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
     },
@@ -45,6 +47,7 @@ setuptools.setup(
             "llmjax-export=llmjax.cli.export:run_main",
             "llmjax-import=llmjax.cli.import_:run_main",
             "llmjax-quantize=llmjax.cli.quantize:run_main",
+            "llmjax-scaling=llmjax.cli.scaling:run_main",
         ]
     },
 )

@@ -11,16 +11,20 @@ from absl import app, logging
 from llmjax.errors import LlmjaxError
 
 
-def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None,
+        commands: Sequence[str] = ()) -> None:
   """`absl.app.run(main)`, printing an `LlmjaxError` as `error: ...` without a traceback.
 
   Those errors name the file, line or key at fault and what to do; a traceback would bury
-  that. Any other exception is a bug and keeps its traceback. No script takes positional
-  arguments, so a stray one (a flag missing its `--`) is a usage error, not ignored.
+  that. Any other exception is a bug and keeps its traceback. A script takes no positional
+  argument but one of its `commands` (`llmjax-scaling plan`), so a stray one (a flag missing
+  its `--`) is a usage error, not ignored.
   """
   def guarded(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    if commands and (len(args) < 2 or args[1] not in commands):
+      raise app.UsageError(f"give a command first: one of {list(commands)}")
+    if len(args) > (2 if commands else 1):
+      raise app.UsageError(f"unexpected arguments: {args[2 if commands else 1:]}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
     try:
       main(args)

@@ -54,7 +54,9 @@ def _resolve(path: str) -> str:
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses the experiment; unknown configurables or parameters fail here, naming the line."""
-  import llmjax.parallel.mesh  # noqa: F401  (registers every configurable before parsing)
+  # Registers every configurable before parsing (SweepConfig: llmjax-scaling sweep's).
+  import llmjax.parallel.mesh  # noqa: F401
+  import llmjax.scaling.sweep  # noqa: F401
   import llmjax.stages  # noqa: F401
   gin.clear_config()
   for root in (os.getcwd(), REPO_ROOT):

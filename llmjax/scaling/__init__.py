@@ -1,0 +1,1 @@
+"""Scaling laws: plan a run from a compute budget (laws, plan), measure them (sweep, fit)."""
