@@ -139,14 +139,20 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
 
 
 def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for an nnx state whose Variables carry `logical_axes` metadata."""
+  """NamedShardings for an nnx state whose Variables carry `logical_axes` metadata.
+
+  On a mesh with a `stage` axis, each parameter is also split over `stage` (ZeRO-3 style,
+  along its first dimension that divides), so pipelining divides the stored parameters and
+  optimizer state by the stage count; the pipelined step moves each stage's layers to it.
+  """
   from flax import nnx
 
   def one(v):
     axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
     value = v.get_value() if isinstance(v, nnx.Variable) else v
     if len(jax.tree.leaves(value)) == 1:
-      return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+      spec = _with_stage(logical_to_spec(axes, value.shape, mesh, rules), value.shape, mesh)
+      return NamedSharding(mesh, spec)
     # A structured value (a quantized weight's codes and scales) names the axes of its 2-D
     # `[d_in, d_out]` view: 2-D leaves take both, 1-D leaves (per-column scales) the last.
     def leaf(x):
@@ -155,6 +161,21 @@ def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
       return NamedSharding(mesh, logical_to_spec(leaf_axes, x.shape, mesh, rules))
     return v.replace(jax.tree.map(leaf, value))
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _with_stage(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """`spec` with the `stage` axis added to the first dimension it divides (after the axes
+  already there); unchanged without a stage axis, or when no dimension divides."""
+  stages = _stage_size(mesh)
+  if stages == 1:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  for i, (entry, size) in enumerate(zip(entries, shape)):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    if size % (math.prod(mesh.shape[a] for a in axes) * stages) == 0:
+      entries[i] = "stage" if not axes else (*axes, "stage")
+      return P(*entries)
+  return spec
 
 
 def sharded_abstract(abstract: Any, shardings: Any) -> Any:

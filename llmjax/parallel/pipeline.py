@@ -27,7 +27,7 @@ add nothing to the result or the gradients, only time: the bubble.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

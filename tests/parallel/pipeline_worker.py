@@ -97,7 +97,31 @@ def equal(_):
         "ticks": pipeline.ticks,
         "scan_of_ticks": f"length={pipeline.ticks}" in str(jax.make_jaxpr(fn)(*args)),
         "mesh": dict(mesh.shape)}
+  results["sampler"] = sample_on_stage_mesh(graphdef, params)
   return results
+
+
+def sample_on_stage_mesh(graphdef, params):
+  """Greedy generation on a (stage=2, fsdp=2, tensor=2) mesh, under the run's pipeline
+  context as RL rollouts are, vs one device: generation does not pipeline, the stage axis
+  replicates it."""
+  import jax
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.sample.sampler import Sampler
+
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(4, MODEL["vocab_size"], n).tolist() for n in (5, 11, 3, 8)]
+  kwargs = dict(max_new_tokens=8, num_samples=2, temperature=0.0)
+  expected = Sampler(graphdef, jax.device_put(params, jax.devices()[0]), eos_ids=[3],
+                     pad_id=0).sample(prompts, **kwargs)
+  mesh_cfg = mesh_lib.MeshConfig(stage=2, data=1, fsdp=2, tensor=2)
+  mesh, rules = mesh_lib.make_mesh(mesh_cfg), mesh_lib.RULE_SETS["fsdp_tensor"]
+  sharded = jax.device_put(params, mesh_lib.param_shardings(params, mesh, rules))
+  with mesh_lib.activation_sharding(mesh, rules, mesh_cfg.pipeline()):
+    got = Sampler(graphdef, sharded, eos_ids=[3], pad_id=0).sample(prompts, **kwargs)
+  return {"tokens_equal": bool((got.tokens == expected.tokens).all()),
+          "logprob_max_diff": float(np.abs(got.logprobs - expected.logprobs).max()),
+          "generated": int(expected.lengths.sum())}
 
 
 def resume(args):
@@ -136,6 +160,7 @@ def resume(args):
   leaves = lambda r: [np.asarray(x) for x in jax.tree.leaves(r.params)]
   start = [np.asarray(v) for v in jax.tree.leaves(loop.init_params(ModelConfig(**MODEL), 0)[1])]
   return {"step": resumed.step,
+          "q_proj_spec": str(resumed.params["layers"][0]["attn"]["q_proj"].sharding.spec),
           "loss": [r["loss"] for r in records],
           "plain_loss": [r["loss"] for r in plain_records],
           "bubble": [r.get("pipeline_bubble") for r in records],

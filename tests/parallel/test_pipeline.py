@@ -61,6 +61,13 @@ def test_resume_on_another_stage_count_matches_unpipelined_training(workers):
   assert r["param_max_abs_diff"] <= 1e-5 * r["param_change"] + 1e-7
   # The bubble logged by each stage count: (p-1)/(m+p-1) with m = 2.
   assert r["bubble"] == pytest.approx([1 / 3, 1 / 3, 3 / 5, 3 / 5])
+  # Stored parameters (and so optimizer state) are split over `stage` too: 4 stages x 2 data.
+  assert r["q_proj_spec"] == "P('stage', None, None)"
+
+
+def test_sampler_on_a_stage_mesh_matches_one_device(workers):
+  r = workers["equal"]["sampler"]
+  assert r["generated"] > 0 and r["tokens_equal"] and r["logprob_max_diff"] < 1e-4
 
 
 def test_bubble_formula():
