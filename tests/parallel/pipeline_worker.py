@@ -1,5 +1,5 @@
-"""Pipeline-parallel runs for tests/parallel/test_pipeline.py, in a fresh process with 8
-simulated CPU devices (the device count is fixed when jax starts).
+"""Pipeline-parallel runs for tests/parallel/test_pipeline_parallel.py, in a fresh process
+with 8 simulated CPU devices (the device count is fixed when jax starts).
 
   python tests/parallel/pipeline_worker.py equal    # pipelined == one device, per schedule
   python tests/parallel/pipeline_worker.py resume --workdir=W   # stage 2 -> stage 4 resume
