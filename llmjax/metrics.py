@@ -162,6 +162,8 @@ class MetricsWriter:
       parts.append(f"{m['tokens_per_sec']:,.0f} tok/s")
     if m.get("mfu") is not None:
       parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if m.get("pipeline_bubble") is not None:  # the pipeline's idle share, by its formula
+      parts.append(f"bubble {100 * m['pipeline_bubble']:.0f}% (expected)")
     if m.get("loss_scale") is not None:  # float16 training: the scale and the steps it skipped
       parts.append(f"loss scale {m['loss_scale']:g} ({m.get('skipped_steps', 0)} skipped)")
     parts.append(f"elapsed {_hms(elapsed)}")

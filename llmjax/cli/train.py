@@ -49,7 +49,12 @@ def configure(gin_files: list[str], gin_bindings: list[str], workdir: str,
   gin_flags.parse_gin(gin_files, gin_bindings)
   try:
     configured = stages.configure_stages()
-    mesh_lib.MeshConfig().shape(jax.device_count())  # a mesh that cannot be built fails here
+    mesh_cfg = mesh_lib.MeshConfig()
+    pipeline = mesh_cfg.pipeline()
+    for stage in configured if pipeline is not None else ():
+      if getattr(stage, "model", None) is not None:  # layers that do not split into stages
+        pipeline.check_model(stage.model.n_layers)
+    mesh_cfg.shape(jax.device_count())  # a mesh that cannot be built fails here
   except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise ConfigError(f"gin config: {e}. Bind it in the gin file or with "
@@ -120,7 +125,7 @@ def main(argv):
   names = [s.name for s in configured]
   logging.info("Running stages %s in %s on mesh %s", names, FLAGS.workdir, dict(mesh.shape))
   ctx = stages.RunContext(workdir=FLAGS.workdir, stop_after=FLAGS.stop_after_steps,
-                          mesh=mesh, rules=mesh_cfg.rules)
+                          mesh=mesh, rules=mesh_cfg.rules, pipeline=mesh_cfg.pipeline())
   run_or_clean_up(configured, ctx, created)
   if ctx.stopped:
     stage, step = ctx.stopped

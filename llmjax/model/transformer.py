@@ -19,7 +19,9 @@ from llmjax.model import lora, quant
 from llmjax.model.attention import attend, cache_attention_mask, cached_attention, write_cache
 from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.config import ModelConfig, RopeScaling
-from llmjax.parallel.mesh import constrain
+from llmjax.parallel import pipeline as pipeline_lib
+from llmjax.parallel.mesh import active_mesh, active_pipeline, constrain
+from llmjax.parallel.pipeline import PipelineConfig
 
 # The residual stream between blocks: rows split over the batch mesh axes, nothing else
 # (a no-op unless a training step runs under `llmjax.parallel.mesh.activation_sharding`).
@@ -228,20 +230,39 @@ REMAT_POLICIES = {
 }
 
 
-def _scan_blocks(layers, run_block, x: jax.Array) -> jax.Array:
-  """Runs identical blocks under `lax.scan`, so XLA compiles one block instead of n.
+def _stack_blocks(layers) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef of one block, every block's state stacked to `[n_layers, ...]`).
 
   Parameters stay stored per layer (the layout checkpoints and HF conversion use) and are
   stacked inside the step; under jit that is a cheap copy next to the block compute.
   """
   graphdef, _ = nnx.split(layers[0])
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in layers])
+  return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in layers])
+
+
+def _scan_blocks(layers, run_block, x: jax.Array, positions, segment_ids) -> jax.Array:
+  """Runs identical blocks under `lax.scan`, so XLA compiles one block instead of n."""
+  graphdef, stacked = _stack_blocks(layers)
 
   def body(x, layer):
     index, state = layer
     with lora.fold_dropout_key(index):  # LoRA dropout masks differ between layers
-      return run_block(nnx.merge(graphdef, state), x), None
+      return run_block(nnx.merge(graphdef, state), x, positions, segment_ids), None
   return jax.lax.scan(body, x, (jnp.arange(len(layers)), stacked))[0]
+
+
+def _pipeline_blocks(layers, run_block, x: jax.Array, positions, segment_ids,
+                     pipeline: PipelineConfig) -> jax.Array:
+  """The blocks pipelined over the mesh's `stage` axis (`llmjax.parallel.pipeline`)."""
+  graphdef, stacked = _stack_blocks(layers)
+
+  def apply_layer(state, index, microbatch, x, positions, segment_ids):
+    # LoRA dropout masks differ between layers and between pipeline microbatches.
+    with lora.fold_dropout_key(microbatch), lora.fold_dropout_key(index):
+      return run_block(nnx.merge(graphdef, state), x, positions, segment_ids)
+  mesh, rules = active_mesh()
+  return pipeline_lib.run(stacked, apply_layer, x, positions, segment_ids, pipeline, mesh,
+                          rules)
 
 
 class Transformer(nnx.Module):
@@ -269,15 +290,19 @@ class Transformer(nnx.Module):
     cfg = self.config
     x = constrain(self.embed[...].astype(cfg.dtype)[tokens], RESIDUAL_AXES)
 
-    def run_block(layer: Block, x: jax.Array) -> jax.Array:
+    def run_block(layer: Block, x: jax.Array, positions, segment_ids) -> jax.Array:
       return constrain(layer(x, positions, segment_ids), RESIDUAL_AXES)
-    if cfg.scan_layers:
+    pipeline = active_pipeline()
+    if pipeline is not None or cfg.scan_layers:
       if cfg.remat != "none":
         run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
-      x = _scan_blocks(self.layers, run_block, x)
+      if pipeline is not None:  # under a training step on a mesh with stage > 1
+        x = _pipeline_blocks(self.layers, run_block, x, positions, segment_ids, pipeline)
+      else:
+        x = _scan_blocks(self.layers, run_block, x, positions, segment_ids)
     elif cfg.remat == "none":
       for layer in self.layers:
-        x = run_block(layer, x)
+        x = run_block(layer, x, positions, segment_ids)
     else:
       # Rematerialized through the block's state, not the module: when the block's variables
       # come from different traces (adapters under grad, the frozen base outside it: a LoRA
@@ -285,8 +310,9 @@ class Transformer(nnx.Module):
       # level".
       for layer in self.layers:
         graphdef, state = nnx.split(layer)
-        x = jax.checkpoint(lambda s, x, g=graphdef: run_block(nnx.merge(g, s), x),
-                           policy=REMAT_POLICIES[cfg.remat])(state, x)
+        x = jax.checkpoint(
+            lambda s, x, g=graphdef: run_block(nnx.merge(g, s), x, positions, segment_ids),
+            policy=REMAT_POLICIES[cfg.remat])(state, x)
     return self.final_norm(x)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array, cache):

@@ -3,7 +3,9 @@
 The model names every parameter dimension (`embed`, `heads`, `mlp`, `vocab`, ...) and every
 activation at block boundaries (`batch`, `seq`, `embed`). A rule set maps those names to the
 mesh axes `data`, `fsdp` and `tensor`; data parallelism, FSDP and tensor parallelism are
-different rule sets over the same model code.
+different rule sets over the same model code. The fourth axis, `stage`, is not in any rule:
+the decoder's layers are pipelined over it (`llmjax.parallel.pipeline`); everything outside
+the pipelined layers is replicated over it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.errors import ConfigError
+from llmjax.parallel.pipeline import PipelineConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")  # stage outermost: the least traffic
 Rules = dict[str, Any]  # logical name -> mesh axis, tuple of mesh axes, or None
 
 # `batch` always spans data x fsdp: FSDP is data parallelism whose parameters are sharded too.
@@ -44,38 +47,63 @@ RULE_SETS: dict[str, Rules] = {
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape over all devices of all processes; -1 takes what the others leave."""
+  """Mesh shape over all devices of all processes; -1 takes what the others leave.
+
+  `stage > 1` pipelines the decoder's layers over that many stages (n_layers must divide),
+  each batch (each grad-accumulation microbatch) cut into `num_microbatches` pipeline
+  microbatches (None: one per stage) and run by `pipeline_schedule` ('gpipe', or
+  'circular' with `circular_repeats` rounds over the stages).
+  """
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   rules: str = "fsdp_tensor"
+  stage: int = 1
+  num_microbatches: int | None = None
+  pipeline_schedule: str = "gpipe"
+  circular_repeats: int = 2  # 'circular' only
 
   def __post_init__(self):
     if self.rules not in RULE_SETS:
       raise ConfigError(f"MeshConfig.rules={self.rules!r} is unknown; choose one of "
                         f"{sorted(RULE_SETS)}")
+    if self.stage < 1:
+      raise ConfigError(f"MeshConfig.stage must be at least 1 (no pipelining), got {self.stage}")
+    self.pipeline()  # a bad schedule, microbatch or repeat count fails here, before any compile
 
-  def shape(self, num_devices: int) -> tuple[int, int, int]:
+  def pipeline(self) -> PipelineConfig | None:
+    """The pipeline settings, or None when `stage` is 1."""
+    if self.stage == 1:
+      return None
+    circular = self.pipeline_schedule == "circular"
+    return PipelineConfig(stages=self.stage,
+                          microbatches=self.num_microbatches or self.stage,
+                          schedule=self.pipeline_schedule,
+                          repeats=self.circular_repeats if circular else 1)
+
+  def shape(self, num_devices: int) -> tuple[int, int, int, int]:
+    """(stage, data, fsdp, tensor) sizes."""
     dims = [self.data, self.fsdp, self.tensor]
     if dims.count(-1) > 1:
       raise ConfigError(f"MeshConfig {dims}: at most one axis may be -1")
-    known = math.prod(d for d in dims if d != -1)
+    known = math.prod(d for d in dims if d != -1) * self.stage
+    where = f"MeshConfig (data, fsdp, tensor) = {tuple(dims)}" + (
+        f" with stage={self.stage}" if self.stage > 1 else "")
     if any(d == 0 or d < -1 for d in dims) or num_devices % known:
-      raise ConfigError(f"MeshConfig (data, fsdp, tensor) = {tuple(dims)} does not fit "
-                        f"{num_devices} devices")
+      raise ConfigError(f"{where} does not fit {num_devices} devices")
     dims = [num_devices // known if d == -1 else d for d in dims]
-    if math.prod(dims) != num_devices:
-      raise ConfigError(f"MeshConfig (data, fsdp, tensor) = {tuple(dims)} uses "
-                        f"{math.prod(dims)} devices but there are {num_devices}; "
-                        "set one axis to -1")
-    return tuple(dims)
+    if math.prod(dims) * self.stage != num_devices:
+      raise ConfigError(f"{where} uses {math.prod(dims) * self.stage} devices but there are "
+                        f"{num_devices}; set one axis to -1")
+    return (self.stage, *dims)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process)."""
+  """The (stage, data, fsdp, tensor) mesh over `devices` (default: every device of every
+  process)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.shape(len(devices))
-  auto = (jax.sharding.AxisType.Auto,) * 3
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
@@ -111,14 +139,20 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
 
 
 def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for an nnx state whose Variables carry `logical_axes` metadata."""
+  """NamedShardings for an nnx state whose Variables carry `logical_axes` metadata.
+
+  On a mesh with a `stage` axis, each parameter is also split over `stage` (ZeRO-3 style,
+  along its first dimension that divides), so pipelining divides the stored parameters and
+  optimizer state by the stage count; the pipelined step moves each stage's layers to it.
+  """
   from flax import nnx
 
   def one(v):
     axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
     value = v.get_value() if isinstance(v, nnx.Variable) else v
     if len(jax.tree.leaves(value)) == 1:
-      return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
+      spec = _with_stage(logical_to_spec(axes, value.shape, mesh, rules), value.shape, mesh)
+      return NamedSharding(mesh, spec)
     # A structured value (a quantized weight's codes and scales) names the axes of its 2-D
     # `[d_in, d_out]` view: 2-D leaves take both, 1-D leaves (per-column scales) the last.
     def leaf(x):
@@ -127,6 +161,21 @@ def param_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
       return NamedSharding(mesh, logical_to_spec(leaf_axes, x.shape, mesh, rules))
     return v.replace(jax.tree.map(leaf, value))
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _with_stage(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """`spec` with the `stage` axis added to the first dimension it divides (after the axes
+  already there); unchanged without a stage axis, or when no dimension divides."""
+  stages = _stage_size(mesh)
+  if stages == 1:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  for i, (entry, size) in enumerate(zip(entries, shape)):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    if size % (math.prod(mesh.shape[a] for a in axes) * stages) == 0:
+      entries[i] = "stage" if not axes else (*axes, "stage")
+      return P(*entries)
+  return spec
 
 
 def sharded_abstract(abstract: Any, shardings: Any) -> Any:
@@ -178,14 +227,23 @@ _active = threading.local()
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules):
-  """Within this context (while tracing), `constrain` pins activations to the mesh."""
-  previous = getattr(_active, "value", None)
-  _active.value = (mesh, rules)
+def activation_sharding(mesh: Mesh, rules: Rules, pipeline: PipelineConfig | None = None):
+  """Within this context (while tracing), `constrain` pins activations to the mesh, and with
+  `pipeline` (on a mesh whose `stage` axis has that many devices) the decoder pipelines its
+  layers. Without it, layers run unpipelined: replicated over `stage`."""
+  if pipeline is not None and _stage_size(mesh) != pipeline.stages:
+    raise ConfigError(f"a pipeline of {pipeline.stages} stages needs a mesh whose 'stage' "
+                      f"axis has {pipeline.stages} devices; this mesh has {dict(mesh.shape)}")
+  previous = getattr(_active, "value", None), getattr(_active, "pipeline", None)
+  _active.value, _active.pipeline = (mesh, rules), pipeline
   try:
     yield
   finally:
-    _active.value = previous
+    _active.value, _active.pipeline = previous
+
+
+def _stage_size(mesh: Mesh) -> int:
+  return dict(mesh.shape).get("stage", 1)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -201,6 +259,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 def active_mesh() -> tuple[Mesh, Rules] | None:
   """The (mesh, rules) of the enclosing `activation_sharding`, if any."""
   return getattr(_active, "value", None)
+
+
+def active_pipeline() -> PipelineConfig | None:
+  """The pipeline of the enclosing `activation_sharding`, if it has one."""
+  return getattr(_active, "pipeline", None)
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -80,13 +80,14 @@ class RunContext:
   tokenizer: Tokenizer | None = None
   mesh: Any = None  # jax.sharding.Mesh over all devices; None: data parallel over all
   rules: str | None = None  # name of the logical-axis rule set (llmjax.parallel.mesh)
+  pipeline: Any = None  # llmjax.parallel.pipeline.PipelineConfig when MeshConfig.stage > 1
   # Other runs' models read by this run (`resolve`), loaded once however many stages use them.
   _loaded: dict[str, StageOutput] = dataclasses.field(default_factory=dict, repr=False)
 
   def loop_kwargs(self) -> dict[str, Any]:
     """What every stage passes to `llmjax.train.loop.train` from the run itself."""
     return {"workdir": self.workdir, "stop_after": self.stop_after, "mesh": self.mesh,
-            "rules": self.rules}
+            "rules": self.rules, "pipeline": self.pipeline}
 
   @property
   def is_chief(self) -> bool:

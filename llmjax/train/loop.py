@@ -31,6 +31,7 @@ from llmjax.model import lora
 from llmjax.model.config import ModelConfig, check_dtype_on_backend
 from llmjax.model.transformer import build_model
 from llmjax.parallel import mesh as mesh_lib
+from llmjax.parallel.pipeline import PipelineConfig
 from llmjax.train import loss_scale as loss_scale_lib
 from llmjax.train import roles as roles_lib
 from llmjax.train.optimizer import (OptimizerConfig, build_optimizer, decay_mask,
@@ -334,6 +335,23 @@ class BatchSource:
     return {}
 
 
+def _log_pipeline(stage: str, pipeline: PipelineConfig, grad_accum_steps: int) -> None:
+  """States the pipeline's expected bubble; warns when fewer microbatches than stages make
+  it the larger part of every step."""
+  text = (f"{stage}: {pipeline.schedule} pipeline over {pipeline.stages} stages, "
+          f"{pipeline.microbatches} microbatches per grad-accumulation step "
+          f"(x{grad_accum_steps})"
+          + (f", {pipeline.repeats} rounds" if pipeline.repeats > 1 else "")
+          + f": expected bubble {100 * pipeline.bubble:.1f}% of each step")
+  if pipeline.microbatches < pipeline.stages:
+    logging.warning("%s. MeshConfig.num_microbatches=%d is below stage=%d: raise it to at "
+                    "least %d (bubble %.1f%%) or more", text, pipeline.microbatches,
+                    pipeline.stages, pipeline.stages,
+                    100 * pipeline.__class__(pipeline.stages, pipeline.stages).bubble)
+  else:
+    logging.info("%s", text)
+
+
 def _place_role(role: roles_lib.Role, mesh: Mesh, rules: mesh_lib.Rules):
   """(graphdef, trainable state, frozen state, and their shardings) of one role, built by
   one jitted call straight into its shardings."""
@@ -376,6 +394,7 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           roles: Mapping[str, roles_lib.Role] | None = None,
           meta: dict[str, Any] | None = None, stop_after: int | None = None,
           mesh: Mesh | None = None, rules: str | None = None,
+          pipeline: PipelineConfig | None = None,
           extra_eval: ExtraEval | None = None) -> TrainResult:
   """Trains `stage` to `train_cfg.total_steps`, resuming from its latest checkpoint.
 
@@ -390,6 +409,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would.
     mesh, rules: the device mesh and the name of the logical-axis rule set
       (`llmjax.parallel.mesh.RULE_SETS`); default: data parallel over all devices.
+    pipeline: pipeline the layers of every model the step runs over the mesh's `stage`
+      axis (`MeshConfig.pipeline()`); None: no pipelining.
     extra_eval: called at every evaluation; its metrics join the eval record.
   """
   mesh, rules = mesh_lib.mesh_and_rules(mesh, rules)
@@ -397,6 +418,12 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   for role in all_roles.values():  # before anything compiles
     if role.config is not None:
       check_dtype_on_backend(role.config)
+      if pipeline is not None:
+        pipeline.check_model(role.config.n_layers)
+  if pipeline is not None:
+    _log_pipeline(stage, pipeline, train_cfg.grad_accum_steps)
+    for batch in eval_data:  # evaluated whole, in one pipelined pass
+      pipeline.check_batch(len(next(iter(batch.values()))) * jax.process_count())
   # One scale for every trainable role, chosen by the policy's compute dtype.
   scaling = train_cfg.resolved_loss_scale(policy.config.dtype if policy.config else "float32")
   graphdefs, trainables, frozen, t_shard, f_shard = {}, {}, {}, {}, {}
@@ -448,7 +475,7 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
 
   def with_activation_sharding(fn):
     def wrapped(*args):
-      with mesh_lib.activation_sharding(mesh, rules):
+      with mesh_lib.activation_sharding(mesh, rules, pipeline):
         return fn(*args)
     return wrapped
 
@@ -506,6 +533,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       if rows % train_cfg.grad_accum_steps:
         raise ConfigError(f"the batch of {rows} rows is not divisible by "
                           f"TrainConfig.grad_accum_steps={train_cfg.grad_accum_steps}")
+      if pipeline is not None:
+        pipeline.check_batch(rows * jax.process_count() // train_cfg.grad_accum_steps)
       if seq_len is None and "tokens" in batch:
         seq_len = batch["tokens"].shape[1]
         flops_per_token = metrics_lib.flops_per_token(model_cfg, seq_len)
@@ -552,6 +581,10 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
           m["tokens_per_sec"] = tps
           if peak:
             m["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+        if pipeline is not None:
+          # Useful FLOPs only count toward mfu, so the bubble lowers it; this is the share
+          # of each step the formula says the stages spend in it.
+          m["pipeline_bubble"] = pipeline.bubble
         if param_driven:
           m.update(data_iter.metrics())
         writer.write(step, m)
