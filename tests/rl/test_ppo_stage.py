@@ -94,7 +94,8 @@ def test_reward_is_read_at_the_last_real_token(tokenizer_path):
   completions = np.asarray([[[30, 31, 32, 0]], [[40, 0, 0, 0]]], np.int32)
   lengths = np.asarray([[3], [1]])
   rows = training_rows(prompts, completions, lengths, seq_len=12)
-  got = reward_scores(nnx.merge(graphdef, params), {k: jnp.asarray(v) for k, v in rows.items()})
+  score = jax.jit(lambda p, b: reward_scores(nnx.merge(graphdef, p), b))
+  got = score(params, {k: jnp.asarray(v) for k, v in rows.items()})
   # Independently: the whole prompt + completion scored as HF's *ForSequenceClassification
   # reads it, at the sequence's last token (the completion's final, e.g. EOS, token).
   sequences = [p + c[0, :n[0]].tolist() for p, c, n in zip(prompts, completions, lengths)]
@@ -128,7 +129,7 @@ def test_the_value_loss_trains_the_trunk_only_when_shared(tokenizer_path, value_
       fn = ppo_objective(dataclasses.replace(cfg, vf_coef=vf_coef))
       s, w, _ = fn(nnx.merge(graphdef, p), {"value": nnx.merge(v_graphdef, vp)}, batch)
       return s / w
-    grads, v_grads = jax.grad(loss, argnums=(0, 1))(params, v_params)
+    grads, v_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, v_params)
     value_grad = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(v_grads))
     assert (value_grad > 0) == (vf_coef > 0)
     return jax.tree.leaves(grads)
