@@ -4,6 +4,7 @@ import dataclasses
 import os
 import tempfile
 
+import gin
 import jax
 import pytest
 
@@ -20,6 +21,14 @@ from llmjax.model.config import PRESETS
 
 # The smallest model the tests train: 2 layers, d_model 64, vocab 512.
 TEST_MODEL = dataclasses.replace(PRESETS["tiny"], d_model=64, d_ff=128, n_heads=4, n_kv_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def fresh_gin_bindings():
+  """No test sees another's gin bindings (a failed `configure` leaves its bindings behind,
+  and configurables such as MeshConfig read them wherever they are built)."""
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="session")
