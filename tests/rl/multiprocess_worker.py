@@ -5,11 +5,12 @@
       [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=I]
 
 Samples 4 prompts (each process passing its share) from a tiny model FSDP-sharded over all
-devices, then runs 4 grpo steps (2 minibatches per rollout) on the same mesh; writes this
+devices, then runs 2 grpo steps (one rollout in 2 minibatches) on the same mesh; writes this
 process's samples and the run's final parameters to OUT (npz) and a JSON line to stdout.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -66,7 +67,11 @@ def main():
   if args.sample_only:
     np.savez(args.out, **samples)
     return
-  ctx = run_stages([stage(args.tokenizer, steps_per_generation=2)],
+  # One rollout in 2 minibatches (old log-probs computed across processes), then an eval.
+  st = stage(args.tokenizer, steps_per_generation=2)
+  st = dataclasses.replace(st, train=dataclasses.replace(st.train, total_steps=2, eval_every=2,
+                                                         checkpoint_every=2))
+  ctx = run_stages([st],
                    RunContext(workdir=args.workdir, mesh=mesh, rules="fsdp_tensor"))
   final = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
            for x in jax.tree.leaves(ctx.outputs["grpo"].params)]
