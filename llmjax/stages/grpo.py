@@ -41,6 +41,7 @@ from llmjax.runs.load import has_checkpoint
 from llmjax.sample.sampler import Sampler, sample_per_process
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop, roles as roles_lib
+from llmjax.train.losses import target_logps
 from llmjax.train.optimizer import OptimizerConfig
 
 ADVANTAGES = ("group", "rloo")
@@ -138,15 +139,6 @@ class GRPOConfig:
     return [Reward.resolve(r, w) for r, w in zip(self.rewards, weights)]
 
 
-def token_logps_and_entropy(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """`[rows, seq]` log p(target) and the policy's entropy at each position, float32."""
-  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32)
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  logps = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return logps, jax.lax.stop_gradient(entropy)
-
-
 def grpo_objective(cfg: GRPOConfig):
   """The train loop's loss: `policy_loss` as (sum, weight) so microbatches add up exactly.
 
@@ -157,12 +149,13 @@ def grpo_objective(cfg: GRPOConfig):
   """
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
-    logps, entropy = token_logps_and_entropy(policy, batch)
+    _, logps, entropy = target_logps(policy, batch)
+    entropy = jax.lax.stop_gradient(entropy)
     old = batch["old_logps"] if cfg.needs_old_logps else jax.lax.stop_gradient(logps)
     ref = None
     if cfg.beta > 0:
       ref_model = roles_lib.reference_model(policy, roles)
-      ref = token_logps_and_entropy(ref_model, batch)[0]
+      ref = target_logps(ref_model, batch)[1]
     loss, metrics = policy_loss(logps, old, batch["advantages"], mask,
                                 loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                 epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
@@ -198,7 +191,7 @@ def _old_logps_fn(ctx: RunContext):
   training forward pass, with the rows split over the run's batch axes as in a step."""
   mesh, rules = mesh_lib.mesh_and_rules(ctx.mesh, ctx.rules)
   rows = mesh_lib.batch_sharding(mesh, rules)
-  forward = jax.jit(lambda gd, p, b: token_logps_and_entropy(nnx.merge(gd, p), b)[0],
+  forward = jax.jit(lambda gd, p, b: target_logps(nnx.merge(gd, p), b)[1],
                     static_argnums=0, out_shardings=rows)
 
   def old_logps(graphdef, params, batch):

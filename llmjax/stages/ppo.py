@@ -46,6 +46,7 @@ from llmjax.runs.load import has_checkpoint
 from llmjax.sample.sampler import Sampler, sample_per_process
 from llmjax.stages.context import RunContext, TokenizerConfig
 from llmjax.train import loop, roles as roles_lib
+from llmjax.train.losses import target_logps
 from llmjax.train.optimizer import OptimizerConfig
 
 VALUE_MODELS = ("separate", "shared")
@@ -120,15 +121,6 @@ class PPOConfig:
                         "None: no value clipping)")
 
 
-def _policy_forward(policy, batch):
-  """(final hidden `[rows, seq, d]`, log p(target) `[rows, seq]`, entropy `[rows, seq]`)."""
-  hidden = policy.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-  logp_all = jax.nn.log_softmax(policy.logits(hidden).astype(jnp.float32), axis=-1)
-  logps = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return hidden, logps, entropy
-
-
 def _values(cfg: PPOConfig, value_model, hidden, batch) -> jax.Array:
   """V(s_t) `[rows, seq]`: the value of the state before each target token."""
   if cfg.value_model == "shared":
@@ -160,9 +152,9 @@ class PPORollout(Finish):
     cfg = self.cfg
     models = {name: nnx.merge(gd, params[name]) for name, gd in graphdefs}
     policy = models[roles_lib.POLICY]
-    hidden, logps, entropy = _policy_forward(policy, batch)
+    hidden, logps, entropy = target_logps(policy, batch)
     refs = {k: v for k, v in models.items() if k == roles_lib.REFERENCE}
-    ref_logps = _policy_forward(roles_lib.reference_model(policy, refs), batch)[1]
+    ref_logps = target_logps(roles_lib.reference_model(policy, refs), batch)[1]
     values = _values(cfg, models[roles_lib.VALUE], hidden, batch)
     scores = reward_scores(models[roles_lib.REWARD], batch)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -219,7 +211,7 @@ def ppo_objective(cfg: PPOConfig):
   (TRL's masked means over a minibatch), as (sum, weight) so microbatches add up exactly."""
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
-    hidden, logps, entropy = _policy_forward(policy, batch)
+    hidden, logps, entropy = target_logps(policy, batch)
     values = _values(cfg, roles[roles_lib.VALUE], hidden, batch)
     pg, pg_metrics = ppo_lib.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, cliprange=cfg.cliprange,

@@ -112,3 +112,15 @@ def lm_objective(chunk_size: int = 0):
     return loss_sum, count, {}
   loss_fn.is_token_nll = True  # the loop reports exp(loss) as perplexity
   return loss_fn
+
+
+def target_logps(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(final hidden `[rows, seq, d_model]`, log p(target) `[rows, seq]`, the next-token
+  entropy `[rows, seq]`), float32, of a packed batch (`tokens`, `targets`, `positions`,
+  `segment_ids`): what the RL objectives read of a policy or its reference."""
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  logp_all = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
+  logps = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  return hidden, logps, entropy
+
