@@ -149,13 +149,13 @@ def grpo_objective(cfg: GRPOConfig):
   """
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
-    _, logps, entropy = target_logps(policy, batch)
+    _, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens)
     entropy = jax.lax.stop_gradient(entropy)
     old = batch["old_logps"] if cfg.needs_old_logps else jax.lax.stop_gradient(logps)
     ref = None
     if cfg.beta > 0:
       ref_model = roles_lib.reference_model(policy, roles)
-      ref = target_logps(ref_model, batch)[1]
+      ref = target_logps(ref_model, batch, cfg.max_new_tokens)[1]
     loss, metrics = policy_loss(logps, old, batch["advantages"], mask,
                                 loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                 epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
@@ -186,16 +186,18 @@ def grpo_objective(cfg: GRPOConfig):
   return loss_fn
 
 
-def _old_logps_fn(ctx: RunContext):
+def _old_logps_fn(ctx: RunContext, window: int):
   """(graphdef, params, this process's rows) -> their targets' log-probs `[rows, seq]`, by the
-  training forward pass, with the rows split over the run's batch axes as in a step."""
+  training forward pass (over each row's `window` completion positions, as the loss reads
+  them), with the rows split over the run's batch axes as in a step."""
   mesh, rules = mesh_lib.mesh_and_rules(ctx.mesh, ctx.rules)
   rows = mesh_lib.batch_sharding(mesh, rules)
-  forward = jax.jit(lambda gd, p, b: target_logps(nnx.merge(gd, p), b)[1],
+  forward = jax.jit(lambda gd, p, b: target_logps(nnx.merge(gd, p), b, window)[1],
                     static_argnums=0, out_shardings=rows)
 
   def old_logps(graphdef, params, batch):
-    inputs = {k: batch[k] for k in ("tokens", "targets", "positions", "segment_ids")}
+    inputs = {k: batch[k] for k in ("tokens", "targets", "positions", "segment_ids",
+                                   "loss_mask")}
     with mesh_lib.activation_sharding(mesh, rules):
       out = forward(graphdef, params, mesh_lib.host_batch_to_global(inputs, rows))
     return mesh_lib.global_to_host_rows(out, rows)
@@ -270,7 +272,7 @@ class GRPO:
                            make_sampler, cfg.resolved_rewards(), rollout_cfg,
                            GroupAdvantages(cfg.num_generations, cfg.advantage,
                                            cfg.scale_rewards, cfg.needs_old_logps,
-                                           _old_logps_fn(ctx)))
+                                           _old_logps_fn(ctx, cfg.max_new_tokens)))
     held_out = prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc)
     budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
 

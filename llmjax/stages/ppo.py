@@ -152,9 +152,10 @@ class PPORollout(Finish):
     cfg = self.cfg
     models = {name: nnx.merge(gd, params[name]) for name, gd in graphdefs}
     policy = models[roles_lib.POLICY]
-    hidden, logps, entropy = target_logps(policy, batch)
+    hidden, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens)
     refs = {k: v for k, v in models.items() if k == roles_lib.REFERENCE}
-    ref_logps = target_logps(roles_lib.reference_model(policy, refs), batch)[1]
+    ref_logps = target_logps(roles_lib.reference_model(policy, refs), batch,
+                             cfg.max_new_tokens)[1]
     values = _values(cfg, models[roles_lib.VALUE], hidden, batch)
     scores = reward_scores(models[roles_lib.REWARD], batch)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -211,7 +212,7 @@ def ppo_objective(cfg: PPOConfig):
   (TRL's masked means over a minibatch), as (sum, weight) so microbatches add up exactly."""
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
-    hidden, logps, entropy = target_logps(policy, batch)
+    hidden, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens)
     values = _values(cfg, roles[roles_lib.VALUE], hidden, batch)
     pg, pg_metrics = ppo_lib.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, cliprange=cfg.cliprange,

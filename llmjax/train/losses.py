@@ -114,13 +114,37 @@ def lm_objective(chunk_size: int = 0):
   return loss_fn
 
 
-def target_logps(model, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+def target_logps(model, batch: dict[str, jax.Array], window: int | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(final hidden `[rows, seq, d_model]`, log p(target) `[rows, seq]`, the next-token
   entropy `[rows, seq]`), float32, of a packed batch (`tokens`, `targets`, `positions`,
-  `segment_ids`): what the RL objectives read of a policy or its reference."""
-  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-  logp_all = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
-  logps = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return hidden, logps, entropy
+  `segment_ids`): what the RL objectives read of a policy or its reference.
 
+  With `window`, the output projection and softmax run only over each row's `window`
+  positions from its first `loss_mask` target (a completion, which the sampler caps at
+  `max_new_tokens`), and log-probs and entropy are 0 elsewhere: a prompt's positions cost no
+  `[vocab]` logits, which for a 150k vocabulary and long prompts is most of the memory. A
+  row's masked targets must all lie inside its window (`window >= max_new_tokens`).
+  """
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  targets = batch["targets"]
+  if window is not None and window < targets.shape[1]:
+    rows, seq = targets.shape
+    start = jnp.argmax(batch["loss_mask"] > 0, axis=1)  # rows without targets: 0, masked anyway
+    index = start[:, None] + jnp.arange(window)  # [rows, window]
+    inside = index < seq
+    index = jnp.minimum(index, seq - 1)  # clipped duplicates carry 0 into the scatter below
+    h = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    logps, entropy = _logps_and_entropy(model, h, jnp.take_along_axis(targets, index, axis=1))
+    row = jnp.arange(rows)[:, None]
+    scatter = lambda x: jnp.zeros((rows, seq), jnp.float32).at[row, index].add(
+        jnp.where(inside, x, 0.0))
+    return hidden, scatter(logps), scatter(entropy)
+  return (hidden, *_logps_and_entropy(model, hidden, targets))
+
+
+def _logps_and_entropy(model, hidden: jax.Array, targets: jax.Array):
+  logp_all = jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)
+  logps = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  return logps, entropy
