@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax.buckets import pow2_at_least
 from llmjax.errors import CheckpointError, ConfigError
 from llmjax.model.config import ModelConfig
 
@@ -74,10 +75,6 @@ def _end_scores(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array,
   return end_scores(nnx.merge(graphdef, params), tokens, lengths)
 
 
-def _pow2_at_least(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << max(0, (n - 1).bit_length()))
-
-
 def score_sequences(graphdef: nnx.GraphDef, params: Any, sequences: Sequence[Sequence[int]],
                     max_batch: int = 64) -> np.ndarray:
   """Scores of token sequences by a reward model: `[n]` float32 numpy.
@@ -97,10 +94,10 @@ def score_sequences(graphdef: nnx.GraphDef, params: Any, sequences: Sequence[Seq
   if max_batch < 1:
     raise ConfigError(f"score_sequences(): max_batch must be at least 1, got {max_batch}")
   out = []
-  rows = min(_pow2_at_least(len(sequences)), _pow2_at_least(max_batch))
+  rows = min(pow2_at_least(len(sequences)), pow2_at_least(max_batch))
   for start in range(0, len(sequences), rows):
     chunk = [list(s) for s in sequences[start:start + rows]]
-    width = _pow2_at_least(max(len(s) for s in chunk), _MIN_LEN_BUCKET)
+    width = pow2_at_least(max(len(s) for s in chunk), _MIN_LEN_BUCKET)
     tokens = np.zeros((rows, width), np.int32)
     lengths = np.ones((rows,), np.int32)  # filler rows: one padding token, discarded
     for i, s in enumerate(chunk):

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from llmjax.buckets import pow2_at_least
 from llmjax.errors import ConfigError
 from llmjax.parallel import distributed
 from llmjax.sample import kv_cache as kv_lib
@@ -38,10 +39,6 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
       return b
   raise ConfigError(f"a prompt of {n} tokens is longer than the largest prompt bucket "
                     f"({buckets[-1]}): truncate the prompt or pass larger prompt_buckets")
-
-
-def _pow2_at_least(n: int, minimum: int = 1) -> int:
-  return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
 @dataclasses.dataclass
@@ -78,7 +75,7 @@ class SampleOutput:
 def _top_k_bucket(top_k: int, vocab: int) -> int:
   """The static width of the top-k candidates: a power of two >= top_k (at least 16), so
   top_k values within one bucket share a compiled program."""
-  return min(vocab, _pow2_at_least(top_k, 16))
+  return min(vocab, pow2_at_least(top_k, 16))
 
 
 def _categorical_first_k(key: jax.Array, x: jax.Array, k: jax.Array) -> jax.Array:
@@ -141,7 +138,7 @@ def decode_windows(prompt_len: int, new_bucket: int) -> tuple[int, ...]:
   """
   ends = [min(new_bucket, _MIN_NEW_BUCKET)]
   while ends[-1] < new_bucket:
-    ends.append(min(new_bucket, _pow2_at_least(prompt_len + 2 * ends[-1])))
+    ends.append(min(new_bucket, pow2_at_least(prompt_len + 2 * ends[-1])))
   return tuple(ends)
 
 
@@ -286,7 +283,7 @@ class Sampler:
     per_call = max(1, self.max_batch // num_samples)
     stop = np.asarray(sorted(set(self.eos_ids) | {int(i) for i in stop_ids}) or [-1], np.int32)
     seqs = self._stop_sequences(stop_strings)
-    new_bucket = _pow2_at_least(max_new_tokens, _MIN_NEW_BUCKET)
+    new_bucket = pow2_at_least(max_new_tokens, _MIN_NEW_BUCKET)
     greedy = temperature <= 0
     # top_k is traced; only its bucket (the static width of the candidate set) is compiled in.
     vocab = self.vocab_size
@@ -339,7 +336,7 @@ class Sampler:
 
   def _layout(self, chunk: list[list[int]], per_call: int):
     """Pads prompts into `[rows, bucket]` arrays on the configured side."""
-    rows = min(_pow2_at_least(len(chunk)), _pow2_at_least(per_call))
+    rows = min(pow2_at_least(len(chunk)), pow2_at_least(per_call))
     chunk = chunk + [chunk[0]] * (rows - len(chunk))  # filler rows: a real prompt, discarded
     width = _bucket(max(len(p) for p in chunk), self.prompt_buckets)
     tokens = np.full((rows, width), self.pad_id, np.int32)
@@ -448,7 +445,7 @@ def forward_logprobs(graphdef: nnx.GraphDef, params: Any, prompts: Sequence[Sequ
   """
   n, s, new = out.tokens.shape
   rows = [(i, j) for i in range(n) for j in range(s)]
-  width = _pow2_at_least(max(len(prompts[i]) + int(out.lengths[i, j]) for i, j in rows), 16)
+  width = pow2_at_least(max(len(prompts[i]) + int(out.lengths[i, j]) for i, j in rows), 16)
   result = np.zeros((n, s, new), np.float32)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]

@@ -167,9 +167,13 @@ def test_long_budget_across_windows_equals_full_recomputation(model, prompts):
 
 
 def test_windowed_decode_equals_whole_cache_decode(model, prompts, monkeypatch):
-  """The same program with one window (the whole bucket, the sampler before windows)."""
+  """The same program with one window (the whole bucket, the sampler before windows).
+
+  Greedy: the two programs' logits differ by float noise (~1e-6), which under sampling flips
+  a draw that lands on a nucleus or CDF boundary on some CPUs and then every later token; the
+  windows are the same code for every sampling mode."""
   graphdef, params = model
-  kw = dict(max_new_tokens=LONG, num_samples=2, temperature=1.0, top_p=0.9, seed=9)
+  kw = dict(max_new_tokens=LONG, num_samples=1, temperature=0.0)
   windowed = Sampler(graphdef, params, eos_ids=[]).sample(prompts, **kw)
   sampler_lib._generate.clear_cache()
   monkeypatch.setattr(sampler_lib, "decode_windows", lambda prompt_len, new_bucket: (new_bucket,))
