@@ -2,6 +2,7 @@
 
 import time
 
+import jax
 import pytest
 
 from llmjax.runs.load import load_run
@@ -37,19 +38,21 @@ def sft_stage(tok: TokenizerConfig, learning_rate: float, **kwargs) -> SFT:
       tokenizer=tok, eval_questions=HELD_OUT, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tokenizer_path):
-  workdir = str(tmp_path_factory.mktemp("pipeline"))
-  tok = TokenizerConfig(path=tokenizer_path)
+def pipeline_stages(tok: TokenizerConfig) -> list:
   pre = Pretrain(
       model=TEST_MODEL, data=pipeline.DataConfig(seq_len=128, batch_size=16, eval_batches=1),
       train=loop.TrainConfig(total_steps=PRETRAIN_STEPS, log_every=50,
                              eval_every=PRETRAIN_STEPS, checkpoint_every=PRETRAIN_STEPS),
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.1),
       tokenizer=tok)
-  sft = sft_stage(tok, learning_rate=3e-3)
+  return [pre, sft_stage(tok, learning_rate=3e-3)]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tokenizer_path):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
   t0 = time.time()
-  run_stages([pre, sft], RunContext(workdir=workdir))
+  run_stages(pipeline_stages(TokenizerConfig(path=tokenizer_path)), RunContext(workdir=workdir))
   print(f"pipeline: {time.time() - t0:.0f}s")
   return workdir
 
@@ -127,3 +130,40 @@ def test_exported_chat_model_stops_at_the_end_of_its_turn(pipeline_run, tmp_path
     reply = ids[len(prompt):].tolist()
     stopped += reply[-1] == im_end and len(reply) < 24
   assert stopped >= 15  # the SFT model ends (nearly) every reply; before the fix none stopped
+
+
+def test_report_card_answers_as_llmjax_generate_chats(pipeline_run, tokenizer, tokenizer_path,
+                                                       monkeypatch):
+  """Every model of the report's prompts table (the untrained model pretrain started from,
+  then each stage) answers each prompt as `llmjax-generate --chat` answers one user turn."""
+  import io
+  from flax import nnx
+  from llmjax.cli.generate import chat_loop
+  from llmjax.data import chat
+  from llmjax.model.transformer import build_model
+  from llmjax.report import answers, card, plots
+  from llmjax.sample.sampler import Sampler
+  prompts = answers.builtin_prompts()
+  table = answers.answer_table(pipeline_run, ["pretrain", "sft"], prompts, template="chatml",
+                               random_init=(TEST_MODEL, 0), max_new_tokens=16)
+  # Pretrain's start: its policy role builds the model with TrainConfig.seed, 0.
+  untrained = jax.jit(lambda: nnx.split(build_model(TEST_MODEL, 0)))()
+  models = {"random init": untrained, "pretrain": load_run(pipeline_run, "pretrain").float_model(),
+            "sft": load_run(pipeline_run, "sft").float_model()}
+  assert [(a.model, a.prompt) for a in table] == [(m, p) for m in models for p in prompts]
+  for name, (graphdef, params) in models.items():
+    sampler = Sampler(graphdef, params, tokenizer,
+                      eos_ids=chat.stop_token_ids(tokenizer, "chatml"))
+    for prompt, answer in zip(prompts, [a for a in table if a.model == name]):
+      conversation = chat_loop(sampler, tokenizer, "chatml", io.StringIO(prompt.text + "\n"),
+                               io.StringIO(), max_new_tokens=16)
+      assert answer.text == conversation[-1]["content"], (name, prompt.text)
+  assert ({a.text for a in table if a.model == "random init"}
+          != {a.text for a in table if a.model == "pretrain"})
+  # The report of the run's stages: the same rows (the template from sft, pretrain's seed).
+  monkeypatch.setattr(plots, "_pyplot", lambda: None)  # plots: tests/test_report.py
+  stages = pipeline_stages(TokenizerConfig(path=tokenizer_path))
+  text = open(card.write_report(pipeline_run, stages, max_new_tokens=16,
+                                log=lambda _: None)).read()
+  for a in table:
+    assert f"| {a.model} | {card._cell(card._shortened(a.text)) or '(nothing)'} |" in text
