@@ -96,8 +96,9 @@ def answers_intro(template: str | None, max_new_tokens: int) -> str:
   form = (f"as one user turn in the `{template}` chat template" if template
           else "as text to continue")
   return (f"Greedy answers (at most {max_new_tokens} new tokens), each prompt {form}: first an "
-          "untrained model of the first stage's config and seed (the weights it started "
-          "from), then each stage's final checkpoint. ✓ / ✗: the answer is right / wrong "
+          "untrained model, the first stage's config initialised with its seed (the weights "
+          "a first stage trained from scratch starts from), then each stage's final "
+          "checkpoint. ✓ / ✗: the answer is right / wrong "
           "(text: exact match after case, spaces and a final period; numbers: the final "
           "answer, as GRPO's `math_answer` reward reads it).")
 

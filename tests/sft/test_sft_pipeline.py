@@ -132,38 +132,34 @@ def test_exported_chat_model_stops_at_the_end_of_its_turn(pipeline_run, tmp_path
   assert stopped >= 15  # the SFT model ends (nearly) every reply; before the fix none stopped
 
 
-def test_report_card_answers_as_llmjax_generate_chats(pipeline_run, tokenizer, tokenizer_path,
-                                                       monkeypatch):
-  """Every model of the report's prompts table (the untrained model pretrain started from,
-  then each stage) answers each prompt as `llmjax-generate --chat` answers one user turn."""
-  import io
+def test_report_card_answers_as_the_stages_evaluate(pipeline_run, tokenizer, tokenizer_path,
+                                                    monkeypatch):
+  """The report's prompts table: the untrained model pretrain started from, then each stage,
+  in order; its ✓ marks count what the SFT stage's own held-out exact match counts."""
   from flax import nnx
-  from llmjax.cli.generate import chat_loop
   from llmjax.data import chat
   from llmjax.model.transformer import build_model
   from llmjax.report import answers, card, plots
   from llmjax.sample.sampler import Sampler
-  prompts = answers.builtin_prompts()
+  items = instructions.reference_items(instructions.builtin_conversations("eval", 40))
+  prompts = [answers.Prompt(it["messages"][-1]["content"], it["answer"]) for it in items]
   table = answers.answer_table(pipeline_run, ["pretrain", "sft"], prompts, template="chatml",
                                random_init=(TEST_MODEL, 0), max_new_tokens=16)
+  models = [answers.RANDOM_INIT, "pretrain", "sft"]
+  assert [(a.model, a.prompt) for a in table] == [(m, p) for m in models for p in prompts]
+  sft = load_run(pipeline_run, "sft")
+  logged = exact_match(*sft.float_model(), tokenizer, "chatml", items)["exact_match"]
+  assert sum(a.right for a in table if a.model == "sft") == round(logged * len(items)) > 0
   # Pretrain's start: its policy role builds the model with TrainConfig.seed, 0.
   untrained = jax.jit(lambda: nnx.split(build_model(TEST_MODEL, 0)))()
-  models = {"random init": untrained, "pretrain": load_run(pipeline_run, "pretrain").float_model(),
-            "sft": load_run(pipeline_run, "sft").float_model()}
-  assert [(a.model, a.prompt) for a in table] == [(m, p) for m in models for p in prompts]
-  for name, (graphdef, params) in models.items():
-    sampler = Sampler(graphdef, params, tokenizer,
-                      eos_ids=chat.stop_token_ids(tokenizer, "chatml"))
-    for prompt, answer in zip(prompts, [a for a in table if a.model == name]):
-      conversation = chat_loop(sampler, tokenizer, "chatml", io.StringIO(prompt.text + "\n"),
-                               io.StringIO(), max_new_tokens=16)
-      assert answer.text == conversation[-1]["content"], (name, prompt.text)
-  assert ({a.text for a in table if a.model == "random init"}
-          != {a.text for a in table if a.model == "pretrain"})
+  sampler = Sampler(*untrained, tokenizer, eos_ids=chat.stop_token_ids(tokenizer, "chatml"))
+  out = sampler.sample([chat.prompt_ids(it["messages"], "chatml", tokenizer) for it in items],
+                       max_new_tokens=16)
+  assert [a.text for a in table if a.model == answers.RANDOM_INIT] == [t[0] for t in out.texts]
   # The report of the run's stages: the same rows (the template from sft, pretrain's seed).
   monkeypatch.setattr(plots, "_pyplot", lambda: None)  # plots: tests/test_report.py
   stages = pipeline_stages(TokenizerConfig(path=tokenizer_path))
-  text = open(card.write_report(pipeline_run, stages, max_new_tokens=16,
+  text = open(card.write_report(pipeline_run, stages, prompts, max_new_tokens=16,
                                 log=lambda _: None)).read()
   for a in table:
     assert f"| {a.model} | {card._cell(card._shortened(a.text)) or '(nothing)'} |" in text
