@@ -147,3 +147,11 @@ def test_without_matplotlib_the_report_says_how_to_get_the_plots(run, monkeypatc
   assert "pip install 'llmjax[plot]'" in text
   assert not [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".png")]
   assert "**0.530** (from 0.240)" in text  # the tables all the same
+
+
+def test_a_run_with_nothing_logged_yet_is_a_clear_error(run):
+  from llmjax.errors import DataError
+  workdir, stages, _ = run
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  with pytest.raises(DataError, match="nothing to report yet; train first"):
+    card.write_report(workdir, stages, log=lambda _: None)

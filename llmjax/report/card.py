@@ -12,6 +12,7 @@ import os
 import shlex
 from typing import Any, Callable, Sequence
 
+from llmjax.errors import DataError
 from llmjax.metrics import read_metrics
 from llmjax.model.config import ModelConfig
 from llmjax.report import answers as answers_lib, plots, summary
@@ -35,17 +36,21 @@ def write_report(workdir: str, stages: Sequence[Any], prompts: Sequence[answers_
   early) answer nothing; stages with no records are left out.
   """
   from llmjax.runs.load import has_checkpoint
-  records = read_metrics(workdir)
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  records = read_metrics(workdir) if os.path.exists(metrics_file) else []
   logged = {r["stage"] for r in records}
+  if not logged & {s.name for s in stages}:
+    raise DataError(f"{metrics_file} has no records of the stages {[s.name for s in stages]}: "
+                    f"nothing to report yet; train first (llmjax-train --workdir={workdir})")
   stages = [s for s in stages if s.name in logged]
   prompts = list(prompts) if prompts is not None else answers_lib.builtin_prompts()
   speakers = [s for s in stages if s.model.head == "lm" and has_checkpoint(workdir, s.name)]
   template = next((s.chat_template for s in stages if getattr(s, "chat_template", None)), None)
-  first = stages[0] if stages else None
+  first = stages[0]
   table = answers_lib.answer_table(
       workdir, [s.name for s in speakers], prompts, template=template,
-      random_init=(first.model, first.train.seed) if first and first.model.head == "lm"
-      else None, max_new_tokens=max_new_tokens)
+      random_init=(first.model, first.train.seed) if first.model.head == "lm" else None,
+      max_new_tokens=max_new_tokens)
   directory = os.path.join(workdir, REPORT_DIR)
   os.makedirs(directory, exist_ok=True)
   pairs = [(s.name, stage_kind(s)) for s in stages]

@@ -163,3 +163,7 @@ def test_report_card_answers_as_the_stages_evaluate(pipeline_run, tokenizer, tok
                                 log=lambda _: None)).read()
   for a in table:
     assert f"| {a.model} | {card._cell(card._shortened(a.text)) or '(nothing)'} |" in text
+  # Each stage's start logged its wall clock, which the time column shows.
+  times = {r["stage"]: r for r in read_metrics(pipeline_run) if r["kind"] == "time"}
+  assert sorted(times) == ["pretrain", "sft"] and times["sft"]["step"] == SFT_STEPS
+  assert f"| sft | sft | {SFT_STEPS} | {card._minutes(times['sft']['seconds'])} |" in text
