@@ -29,12 +29,13 @@ setuptools.setup(
     install_requires=CORE,
     extras_require={
         # torch (CPU build), transformers and peft are the real clients that prove HF and
-        # PEFT interop.
+        # PEFT interop; matplotlib draws the report card's plots the tests check.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch>=2.4,<2.14",
-                 "transformers>=4.45", "peft>=0.13"],
+                 "transformers>=4.45", "peft>=0.13", "matplotlib>=3.7"],
         # The viewer for <workdir>/tensorboard (runs write the event files without it).
         "tensorboard": ["tensorboard>=2.15"],
-        # `llmjax-scaling sweep` draws isoflop.png with it (the fit is written without it).
+        # `llmjax-scaling sweep` draws isoflop.png and `llmjax-report` its plots with it (the
+        # fit and the report's tables are written without it).
         "plot": ["matplotlib>=3.7"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
@@ -48,6 +49,7 @@ setuptools.setup(
             "llmjax-import=llmjax.cli.import_:run_main",
             "llmjax-quantize=llmjax.cli.quantize:run_main",
             "llmjax-scaling=llmjax.cli.scaling:run_main",
+            "llmjax-report=llmjax.cli.report:run_main",
         ]
     },
 )

@@ -133,6 +133,21 @@ def main(argv):
           "same command again to resume", file=sys.stderr)
   else:
     print(f"done: results in {os.path.abspath(FLAGS.workdir)}", file=sys.stderr)
+    if len(configured) > 1:
+      write_report(FLAGS.workdir, configured)
+
+
+def write_report(workdir: str, configured: list) -> None:
+  """The report card of a run of several stages (`llmjax-report` writes it again). It loads
+  each stage's checkpoint on one process: a multi-process run leaves it to llmjax-report."""
+  import jax
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      print(f"report: run llmjax-report --workdir={workdir} (one process) for the report card",
+            file=sys.stderr)
+    return
+  from llmjax.report import write_report as write
+  write(workdir, configured, log=lambda text: print(text, file=sys.stderr))
 
 
 def run_main():

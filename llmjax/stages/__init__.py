@@ -13,6 +13,7 @@ model kept under `NAME` (what other stages' `init_from` / `teacher_from` name).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Sequence
 
 import gin
@@ -106,15 +107,29 @@ def run_stages(stages: list[Any], ctx: RunContext) -> RunContext:
   """Runs the stages in order; each finished stage's model is kept under its name.
 
   Stages may differ in model shape (a teacher and its student, a reward head): each checks
-  the model it starts from against its own config.
+  the model it starts from against its own config. Each start of a stage ends with a
+  `kind: "time"` record of its wall-clock `seconds` (data, tokenizer, compiles, training,
+  evals and checkpoints), at the step it reached: a stage stopped and resumed has one per
+  start, and a stage that was already finished adds none.
   """
   if ctx.is_chief:
     from llmjax.runs.load import record_stages
     record_stages(ctx.workdir, [stage.name for stage in stages])
   for stage in stages:
+    start = time.time()
     result = stage.run(ctx)
+    _record_time(ctx, stage, result.step, time.time() - start)
     ctx.finish(stage.name, result.graphdef, result.params, stage.model, result.step)
     if not result.finished:
       ctx.stopped = (stage.name, result.step)
       break
   return ctx
+
+
+def _record_time(ctx: RunContext, stage: Any, step: int, seconds: float) -> None:
+  from llmjax.metrics import MetricsWriter
+  writer = MetricsWriter(ctx.workdir, stage.name, stage.train.total_steps, enabled=ctx.is_chief)
+  try:
+    writer.write(step, {"seconds": seconds}, kind="time")
+  finally:
+    writer.close()

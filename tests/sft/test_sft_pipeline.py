@@ -2,6 +2,7 @@
 
 import time
 
+import jax
 import pytest
 
 from llmjax.runs.load import load_run
@@ -37,19 +38,21 @@ def sft_stage(tok: TokenizerConfig, learning_rate: float, **kwargs) -> SFT:
       tokenizer=tok, eval_questions=HELD_OUT, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tokenizer_path):
-  workdir = str(tmp_path_factory.mktemp("pipeline"))
-  tok = TokenizerConfig(path=tokenizer_path)
+def pipeline_stages(tok: TokenizerConfig) -> list:
   pre = Pretrain(
       model=TEST_MODEL, data=pipeline.DataConfig(seq_len=128, batch_size=16, eval_batches=1),
       train=loop.TrainConfig(total_steps=PRETRAIN_STEPS, log_every=50,
                              eval_every=PRETRAIN_STEPS, checkpoint_every=PRETRAIN_STEPS),
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, weight_decay=0.1),
       tokenizer=tok)
-  sft = sft_stage(tok, learning_rate=3e-3)
+  return [pre, sft_stage(tok, learning_rate=3e-3)]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tokenizer_path):
+  workdir = str(tmp_path_factory.mktemp("pipeline"))
   t0 = time.time()
-  run_stages([pre, sft], RunContext(workdir=workdir))
+  run_stages(pipeline_stages(TokenizerConfig(path=tokenizer_path)), RunContext(workdir=workdir))
   print(f"pipeline: {time.time() - t0:.0f}s")
   return workdir
 
@@ -127,3 +130,40 @@ def test_exported_chat_model_stops_at_the_end_of_its_turn(pipeline_run, tmp_path
     reply = ids[len(prompt):].tolist()
     stopped += reply[-1] == im_end and len(reply) < 24
   assert stopped >= 15  # the SFT model ends (nearly) every reply; before the fix none stopped
+
+
+def test_report_card_answers_as_the_stages_evaluate(pipeline_run, tokenizer, tokenizer_path,
+                                                    monkeypatch):
+  """The report's prompts table: the untrained model pretrain started from, then each stage,
+  in order; its ✓ marks count what the SFT stage's own held-out exact match counts."""
+  from flax import nnx
+  from llmjax.data import chat
+  from llmjax.model.transformer import build_model
+  from llmjax.report import answers, card, plots
+  from llmjax.sample.sampler import Sampler
+  items = instructions.reference_items(instructions.builtin_conversations("eval", 40))
+  prompts = [answers.Prompt(it["messages"][-1]["content"], it["answer"]) for it in items]
+  table = answers.answer_table(pipeline_run, ["pretrain", "sft"], prompts, template="chatml",
+                               random_init=(TEST_MODEL, 0), max_new_tokens=16)
+  models = [answers.RANDOM_INIT, "pretrain", "sft"]
+  assert [(a.model, a.prompt) for a in table] == [(m, p) for m in models for p in prompts]
+  sft = load_run(pipeline_run, "sft")
+  logged = exact_match(*sft.float_model(), tokenizer, "chatml", items)["exact_match"]
+  assert sum(a.right for a in table if a.model == "sft") == round(logged * len(items)) > 0
+  # Pretrain's start: its policy role builds the model with TrainConfig.seed, 0.
+  untrained = jax.jit(lambda: nnx.split(build_model(TEST_MODEL, 0)))()
+  sampler = Sampler(*untrained, tokenizer, eos_ids=chat.stop_token_ids(tokenizer, "chatml"))
+  out = sampler.sample([chat.prompt_ids(it["messages"], "chatml", tokenizer) for it in items],
+                       max_new_tokens=16)
+  assert [a.text for a in table if a.model == answers.RANDOM_INIT] == [t[0] for t in out.texts]
+  # The report of the run's stages: the same rows (the template from sft, pretrain's seed).
+  monkeypatch.setattr(plots, "_pyplot", lambda: None)  # plots: tests/test_report.py
+  stages = pipeline_stages(TokenizerConfig(path=tokenizer_path))
+  text = open(card.write_report(pipeline_run, stages, prompts, max_new_tokens=16,
+                                log=lambda _: None)).read()
+  for a in table:
+    assert f"| {a.model} | {card._cell(card._shortened(a.text)) or '(nothing)'} |" in text
+  # Each stage's start logged its wall clock, which the time column shows.
+  times = {r["stage"]: r for r in read_metrics(pipeline_run) if r["kind"] == "time"}
+  assert sorted(times) == ["pretrain", "sft"] and times["sft"]["step"] == SFT_STEPS
+  assert f"| sft | sft | {SFT_STEPS} | {card._minutes(times['sft']['seconds'])} |" in text
