@@ -8,6 +8,7 @@ then runs the same commands in a fresh workdir, killing them with SIGKILL:
   random  at a random time after the start (mostly start-up: imports, restore, compile)
   steps   after a random number of this start's training steps, no checkpoint save in flight
   save    while an async checkpoint save is in flight (Orbax's `<step>.orbax-checkpoint-tmp`)
+  delete  while the oldest checkpoint is being deleted (a save committed a 4th one; 3 are kept)
   export  while `llmjax-export` writes its temporary folder beside --output
 
 and restarting the same command after every kill. The phase recorded for a kill is what the
@@ -55,9 +56,10 @@ TINY_MODEL = "--gin.model_config.overrides={'d_model': 64, 'd_ff': 128, 'n_heads
 # kill must never leave half-done behind a name that looks finished).
 EXPORT_SHARD = "64KB"
 POLL_S = 0.001
-PHASES = ("random", "steps", "save", "export")
+PHASES = ("random", "steps", "save", "delete", "export")
 # Shares of the planned kills; a remainder goes to the phases in this order.
-PHASE_SHARES = {"save": 0.3, "steps": 0.3, "export": 0.2, "random": 0.2}
+PHASE_SHARES = {"save": 0.24, "steps": 0.24, "export": 0.2, "delete": 0.16, "random": 0.16}
+KEEP = 3  # TrainConfig.keep_checkpoints: a 4th committed step means the oldest is deleted
 
 RESUMED = re.compile(r"Resumed (\S+) from step (\d+)")
 PROGRESS = re.compile(r"^\[(\S+)\] \|[#.]*\| (\d+)/(\d+)")
@@ -146,6 +148,14 @@ def checkpoint_steps(ckpt_dir: str) -> tuple[list[int], list[int]]:
   tmp = sorted(int(n.split(".")[0]) for n in names
                if ".orbax-checkpoint-tmp" in n and n.split(".")[0].isdigit())
   return done, tmp
+
+
+def trash(ckpt_dir: str) -> list[str]:
+  """Old steps being deleted (llmjax.checkpoint.TRASH)."""
+  try:
+    return os.listdir(os.path.join(ckpt_dir, ".deleted"))
+  except FileNotFoundError:
+    return []
 
 
 def export_temporaries(output: str, moved_aside: bool = False) -> list[str]:
@@ -301,6 +311,11 @@ class Watched:
   def saving(self) -> list[int]:
     return checkpoint_steps(self.ckpt_dir)[1] if self.ckpt_dir else []
 
+  def deleting(self) -> bool:
+    """An old checkpoint is being deleted: one too many committed, or in the trash."""
+    return bool(self.ckpt_dir) and (len(checkpoint_steps(self.ckpt_dir)[0]) > KEEP
+                                    or bool(trash(self.ckpt_dir)))
+
   def exporting(self) -> bool:
     return bool(self.export_to and set(export_temporaries(self.export_to)) - self._abandoned)
 
@@ -310,6 +325,8 @@ class Watched:
       return "export" if self.exporting() else "export-other"
     if self.saving() and self.steps_here:
       return "save"
+    if self.deleting() and self.steps_here:
+      return "delete"
     if self.steps_here and self.step == self.total_steps:
       return "final"  # the last step done: final eval, save and exit
     return "steps" if self.steps_here else "startup"
@@ -378,6 +395,16 @@ def kill_trigger(phase: str, rng: random.Random, every: int, total: int,
       state["seen"] = state["seen"] or time.time()
       return time.time() - state["seen"] >= state["delay"]
     return save
+  if phase == "delete":
+    state = {"delay": rng.uniform(0.0, 0.02), "seen": None}
+
+    def delete(w: Watched) -> bool:
+      if not (w.steps_here and w.deleting()):
+        state["seen"] = None
+        return False
+      state["seen"] = state["seen"] or time.time()
+      return time.time() - state["seen"] >= state["delay"]
+    return delete
   if phase == "export":
     state = {"delay": rng.uniform(0.0, 0.05), "seen": None}
 
@@ -605,8 +632,9 @@ def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, 
     for k in pending:  # the finishing start logged where it resumed
       k.resumed = w.resumed
     leftover = checkpoint_steps(ckpt_dir)[1]
-    if leftover:
-      result.leftovers.append(f"round {r}: checkpoint temporaries {leftover}")
+    if leftover or trash(ckpt_dir):
+      result.leftovers.append(f"round {r}: checkpoint temporaries {leftover}, being "
+                              f"deleted {trash(ckpt_dir)}")
     final = read_checkpoint(ckpt_dir, steps)
     diff = differences({k: final[k] for k in ("params", "train", "data")},
                        {k: ref_final[k] for k in ("params", "train", "data")})
@@ -664,19 +692,19 @@ def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, 
 
 
 def summary_table(results: list[StageResult]) -> str:
-  lines = ["| stage | kills | startup | steps | save | export (writing / other) | "
-           "corrupt checkpoints or exports | wrong resume step | lost > checkpoint_every | "
-           "lost > bound | max lost (every) | bit-equal to uninterrupted | rounds | wall |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  """One row per stage: kills by the phase they hit, then what the checks found."""
+  phases = ("startup", "steps", "save", "delete", "final", "export", "export-other")
+  lines = ["| stage | kills | " + " | ".join(phases) + " | corrupt checkpoints or exports | "
+           "wrong resume step | lost > checkpoint_every | lost > bound | max lost (every) | "
+           "bit-equal to uninterrupted | rounds | wall |",
+           "|---" * (len(phases) + 11) + "|"]
   for res in results:
-    count = lambda phase: sum(1 for k in res.kills if k.phase == phase)
     lost = [k.lost for k in res.kills if k.lost is not None]
     same = all(res.bit_equal) and all(res.losses_equal) and all(res.export_equal)
+    counts = " | ".join(str(sum(1 for k in res.kills if k.phase == p)) for p in phases)
     lines.append(
-        f"| {res.stage} | {len(res.kills)} | {count('startup')} | {count('steps')} | "
-        f"{count('save')} | {count('export')} / {count('export-other')} | {res.corrupt} | "
-        f"{res.wrong_resume} | {res.over_every} | {res.over_bound} | "
-        f"{max(lost, default=0)} ({res.every}) | "
+        f"| {res.stage} | {len(res.kills)} | {counts} | {res.corrupt} | {res.wrong_resume} | "
+        f"{res.over_every} | {res.over_bound} | {max(lost, default=0)} ({res.every}) | "
         f"{'yes' if same and res.bit_equal else 'NO'} | {res.rounds} | "
         f"{res.wall_s / 60:.1f} min |")
   return "\n".join(lines)

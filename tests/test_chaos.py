@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from bench import chaos
+from llmjax import checkpoint as ckpt_lib
 from llmjax.hf.export import atomic_output_dir
+from llmjax.runs.load import load_run
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,34 @@ def test_export_removes_what_killed_exports_left(tmp_path):
   with atomic_output_dir(output) as tmp:
     open(os.path.join(tmp, "config.json"), "w").close()
   assert sorted(os.listdir(tmp_path)) == sorted([".other.tmp-x", live.name, "hf"])
+
+
+def test_reading_a_run_leaves_its_save_in_flight_alone(chaos_run, tmp_path):
+  workdir, _ = chaos_run
+  shutil.copytree(os.path.join(workdir, "reference"), tmp_path / "run")
+  ckdir = tmp_path / "run" / "checkpoints" / "pretrain"
+  in_flight = ckdir / "25.orbax-checkpoint-tmp"  # what the training run is writing now
+  shutil.copytree(ckdir / "20", in_flight)
+  being_deleted = ckdir / ckpt_lib.TRASH / "5"
+  shutil.copytree(ckdir / "10", being_deleted)
+  # Export, generation and a later stage's start read the run: they must not delete the
+  # save in flight (that crashed the training run) nor anything else.
+  assert load_run(str(tmp_path / "run"), "pretrain").step == 20
+  assert in_flight.exists() and being_deleted.exists()
+  ckpt_lib.Checkpointer(str(ckdir), every=5).close()  # the run itself, restarted, does
+  assert not in_flight.exists() and os.listdir(ckdir / ckpt_lib.TRASH) == []
+
+
+def test_old_checkpoints_leave_through_the_trash(tmp_path, monkeypatch):
+  import jax.numpy as jnp
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "_empty_trash", lambda self: None)
+  ck = ckpt_lib.Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+  for step in (1, 2):
+    ck.save_params_only(step, {"w": jnp.full((2,), step)}, {"step": step})
+  ck.wait()
+  # Step 1 left the listing in one rename, not file by file where a kill could cut it short.
+  assert ck.all_steps() == [2] and os.listdir(tmp_path / ckpt_lib.TRASH) == ["1"]
+  ck.close()
+  monkeypatch.undo()
+  ckpt_lib.Checkpointer(str(tmp_path), every=1).close()
+  assert os.listdir(tmp_path / ckpt_lib.TRASH) == []
