@@ -586,6 +586,9 @@ def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, 
                        [], [], [], [], 0.0)
   n = 0
   while todo and not result.errors:
+    if result.rounds == kills + 2:  # each round but the last should take a kill at least
+      result.errors.append(f"kills not made after {result.rounds} rounds: {todo}")
+      break
     result.rounds += 1
     r = result.rounds
     run = os.path.join(workdir, f"round{r}")
