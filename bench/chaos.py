@@ -169,12 +169,17 @@ def export_temporaries(output: str, moved_aside: bool = False) -> list[str]:
 def _manager(ckpt_dir: str):
   import orbax.checkpoint as ocp
   from absl import logging
-  logging.set_verbosity(logging.ERROR)  # read-only managers warn about every option they drop
-  return ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"params": ocp.StandardCheckpointHandler(),
-                     "train": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # a read-only manager warns that it is one
+  try:
+    return ocp.CheckpointManager(
+        ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                       save_interval_steps=0),
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "train": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+  finally:
+    logging.set_verbosity(level)
 
 
 def read_checkpoint(ckpt_dir: str, step: int) -> dict[str, Any]:
@@ -386,35 +391,26 @@ def kill_trigger(phase: str, rng: random.Random, every: int, total: int,
       return w.steps_here >= state["k"] and not w.saving()
     return steps
   if phase == "save":
-    state = {"delay": rng.uniform(0.0, 0.1), "seen": None}
-
-    def save(w: Watched) -> bool:
-      if not (w.steps_here and w.saving()):
-        state["seen"] = None
-        return False
-      state["seen"] = state["seen"] or time.time()
-      return time.time() - state["seen"] >= state["delay"]
-    return save
+    return _held_for(lambda w: w.steps_here and w.saving(), rng.uniform(0.0, 0.1))
   if phase == "delete":
-    state = {"delay": rng.uniform(0.0, 0.02), "seen": None}
-
-    def delete(w: Watched) -> bool:
-      if not (w.steps_here and w.deleting()):
-        state["seen"] = None
-        return False
-      state["seen"] = state["seen"] or time.time()
-      return time.time() - state["seen"] >= state["delay"]
-    return delete
+    return _held_for(lambda w: w.steps_here and w.deleting(), rng.uniform(0.0, 0.02))
   if phase == "export":
-    state = {"delay": rng.uniform(0.0, 0.05), "seen": None}
-
-    def export(w: Watched) -> bool:
-      if not w.exporting():
-        return False
-      state["seen"] = state["seen"] or time.time()
-      return time.time() - state["seen"] >= state["delay"]
-    return export
+    return _held_for(lambda w: w.exporting(), rng.uniform(0.0, 0.05))
   raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+
+
+def _held_for(condition: Callable[[Watched], bool], delay_s: float) -> Callable[[Watched], bool]:
+  """A trigger that fires once `condition` has held for `delay_s` (a random point inside a
+  window that opens and closes, e.g. a save in flight)."""
+  since: list[float | None] = [None]
+
+  def trigger(w: Watched) -> bool:
+    if not condition(w):
+      since[0] = None
+      return False
+    since[0] = since[0] or time.time()
+    return time.time() - since[0] >= delay_s
+  return trigger
 
 
 def run_until(w: Watched, trigger: Callable[[Watched], bool] | None) -> str | None:
@@ -556,55 +552,59 @@ def ensure_base(workdir: str) -> str:
   return base
 
 
-def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, every: int,
-              base: str | None = None) -> StageResult:
-  """The reference run and export, then `kills` kills of the same commands; see the module
-  doc for what is checked. `workdir` is this stage's own folder."""
-  t0 = time.time()
-  rng = random.Random(seed)
-  shutil.rmtree(workdir, ignore_errors=True)  # what an earlier harness run left
-  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-  logs = lambda name: os.path.join(workdir, "logs", name)
-  ref = os.path.join(workdir, "reference")
-  ref_export = os.path.join(workdir, "reference_export")
-  w = Watched(spec.command(ref, steps, every, base), logs("reference.log"))
-  run_until(w, None)
-  if w.wait():
-    raise RuntimeError(f"the reference run failed:\n{w.tail()}")
-  timing = Timing(w.first_step_s, w.last_step_s - w.first_step_s,
-                  w.elapsed() - w.last_step_s)
-  from llmjax.hf.export import export_run  # what llmjax-export runs, in this process
-  export_run(ref, ref_export, max_shard_size=EXPORT_SHARD)
-  ref_dir = os.path.join(ref, "checkpoints", spec.name)
-  ref_final = read_checkpoint(ref_dir, steps)
-  ref_losses = train_losses(ref, spec.name)
-  log(f"{spec.name}: reference {w.elapsed():.1f} s ({timing}), {len(ref_losses)} steps")
+class _StageChaos:
+  """One stage: the reference run, then rounds of killed and restarted runs (`run_stage`)."""
 
-  todo = plan(kills, rng)
-  result = StageResult(spec.name, shown(spec.command("RUN", steps, every, base)),
-                       shown(export_command("RUN", "RUN_export")), every, steps, [], 0, [],
-                       [], [], [], [], 0.0)
-  n = 0
-  while todo and not result.errors:
-    if result.rounds == kills + 2:  # each round but the last should take a kill at least
-      result.errors.append(f"kills not made after {result.rounds} rounds: {todo}")
-      break
-    result.rounds += 1
-    r = result.rounds
-    run = os.path.join(workdir, f"round{r}")
-    out = run + "_export"
-    ckpt_dir = os.path.join(run, "checkpoints", spec.name)
-    cmd = spec.command(run, steps, every, base)
+  def __init__(self, spec: StageSpec, workdir: str, kills: int, seed: int, steps: int,
+               every: int, base: str | None):
+    self.spec, self.workdir, self.steps, self.every, self.base = spec, workdir, steps, every, base
+    self.rng = random.Random(seed)
+    self.todo = plan(kills, self.rng)  # phases still to kill in
+    self.kills = kills
+    self.result = StageResult(spec.name, shown(spec.command("RUN", steps, every, base)),
+                              shown(export_command("RUN", "RUN_export")), every, steps, [], 0,
+                              [], [], [], [], [], 0.0)
+    self.started = 0  # processes, numbering their logs
+
+  def start(self, cmd: list[str], name: str, **watch: Any) -> Watched:
+    self.started += 1
+    log_file = os.path.join(self.workdir, "logs", f"{self.started:03d}_{name}.log")
+    return Watched(cmd, log_file, **watch)
+
+  def fail(self, what: str, w: Watched) -> None:
+    self.result.errors.append(f"{what} failed (exit {w.proc.returncode}):\n{w.tail()}")
+
+  def reference(self) -> None:
+    """The uninterrupted run, its export and timeline: what every round must reproduce."""
+    self.ref = os.path.join(self.workdir, "reference")
+    self.ref_export = os.path.join(self.workdir, "reference_export")
+    w = self.start(self.spec.command(self.ref, self.steps, self.every, self.base), "reference")
+    run_until(w, None)
+    if w.wait():
+      raise RuntimeError(f"the reference run failed:\n{w.tail()}")
+    self.timing = Timing(w.first_step_s, w.last_step_s - w.first_step_s,
+                         w.elapsed() - w.last_step_s)
+    from llmjax.hf.export import export_run  # what llmjax-export runs, in this process
+    export_run(self.ref, self.ref_export, max_shard_size=EXPORT_SHARD)
+    self.ref_final = read_checkpoint(os.path.join(self.ref, "checkpoints", self.spec.name),
+                                     self.steps)
+    self.ref_losses = train_losses(self.ref, self.spec.name)
+    log(f"{self.spec.name}: reference {w.elapsed():.1f} s ({self.timing}), "
+        f"{len(self.ref_losses)} steps")
+
+  def train(self, r: int, run: str) -> bool:
+    """Starts the stage in `run` until a start is not killed: each start takes the next
+    planned training kill. False if a start failed."""
+    ckpt_dir = os.path.join(run, "checkpoints", self.spec.name)
+    cmd = self.spec.command(run, self.steps, self.every, self.base)
     pending: list[Kill] = []  # kills whose restart has not yet shown where it resumed
-    while True:  # training: restart until a start runs to the end
-      train_phases = [p for p in todo if p != "export"]
-      planned = train_phases[0] if train_phases else None
-      n += 1
-      w = Watched(cmd, logs(f"round{r}_{n:03d}_train.log"), ckpt_dir=ckpt_dir,
-                  total_steps=steps)
+    while True:
+      planned = next((p for p in self.todo if p != "export"), None)
+      w = self.start(cmd, f"round{r}_train", ckpt_dir=ckpt_dir, total_steps=self.steps)
       done = checkpoint_steps(ckpt_dir)[0]
-      est_s = timing.estimate(1 - (max(done) if done else 0) / steps)
-      trigger = kill_trigger(planned, rng, every, steps, est_s) if planned else None
+      est_s = self.timing.estimate(1 - (max(done) if done else 0) / self.steps)
+      trigger = (kill_trigger(planned, self.rng, self.every, self.steps, est_s) if planned
+                 else None)
       phase = run_until(w, trigger)
       if w.resumed is not None:
         for k in pending:
@@ -612,86 +612,110 @@ def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, 
         pending = []
       if phase is None:  # ran to the end (a planned kill not reached stays planned)
         if w.wait():
-          result.errors.append(f"round {r}: a restart failed (exit {w.proc.returncode}):\n"
-                               f"{w.tail()}")
-        break
-      todo.remove(planned)
+          self.fail(f"round {r}: a restart", w)
+          return False
+        for k in pending:
+          k.resumed = w.resumed
+        return True
+      self.todo.remove(planned)
       done, in_flight = checkpoint_steps(ckpt_dir)
-      kill = Kill(spec.name, r, planned, phase, w.elapsed(), step=w.step or (w.resumed or 0),
+      kill = Kill(self.spec.name, r, planned, phase, w.elapsed(),
+                  step=w.step or (w.resumed or 0),
                   in_flight=max(in_flight) if in_flight else None,
-                  last_complete=max(done) if done else 0, unusable=unusable_checkpoints(ckpt_dir),
-                  every=every)
+                  last_complete=max(done) if done else 0,
+                  unusable=unusable_checkpoints(ckpt_dir), every=self.every)
       if kill.in_flight is not None and not w.steps_here:
         kill.in_flight = None  # a leftover of an earlier kill (a start cleans them up first)
       elif kill.in_flight is not None:
         kill.phase = "save"  # one began between the look and the kill
       if w.resumed is None:  # killed before it restored: its predecessor's step stands
         kill.step = kill.last_complete
-      result.kills.append(kill)
+      self.result.kills.append(kill)
       pending.append(kill)
       log(kill.row())
-    if result.errors:
-      break
-    for k in pending:  # the finishing start logged where it resumed
-      k.resumed = w.resumed
+
+  def check(self, r: int, run: str) -> None:
+    """The finished run against the reference: final checkpoint, losses, what is left."""
+    res = self.result
+    ckpt_dir = os.path.join(run, "checkpoints", self.spec.name)
     leftover = checkpoint_steps(ckpt_dir)[1]
     if leftover or trash(ckpt_dir):
-      result.leftovers.append(f"round {r}: checkpoint temporaries {leftover}, being "
-                              f"deleted {trash(ckpt_dir)}")
-    final = read_checkpoint(ckpt_dir, steps)
-    diff = differences({k: final[k] for k in ("params", "train", "data")},
-                       {k: ref_final[k] for k in ("params", "train", "data")})
-    result.bit_equal.append(not diff)
+      res.leftovers.append(f"round {r}: checkpoint temporaries {leftover}, being deleted "
+                           f"{trash(ckpt_dir)}")
+    final = read_checkpoint(ckpt_dir, self.steps)
+    items = ("params", "train", "data")
+    diff = differences({k: final[k] for k in items}, {k: self.ref_final[k] for k in items})
+    res.bit_equal.append(not diff)
     if diff:
-      result.errors.append(f"round {r}: final checkpoint differs from the reference at "
-                           f"{diff[:5]}")
-    losses = train_losses(run, spec.name)
-    result.losses_equal.append(losses == ref_losses)
-    if losses != ref_losses:
-      bad = sorted(s for s in set(losses) | set(ref_losses)
-                   if losses.get(s) != ref_losses.get(s))
-      result.errors.append(f"round {r}: train losses differ from the reference at steps "
-                           f"{bad[:10]}")
+      res.errors.append(f"round {r}: final checkpoint differs from the reference at {diff[:5]}")
+    losses = train_losses(run, self.spec.name)
+    res.losses_equal.append(losses == self.ref_losses)
+    if losses != self.ref_losses:
+      bad = sorted(s for s in set(losses) | set(self.ref_losses)
+                   if losses.get(s) != self.ref_losses.get(s))
+      res.errors.append(f"round {r}: train losses differ from the reference at steps "
+                        f"{bad[:10]}")
 
-    # Export: one kill per round while training kills remain, else all that remain.
-    exports = todo.count("export")
-    quota = exports if len(todo) == exports else min(1, exports)
-    tries = 0
-    while quota and tries < 5 * kills:
-      tries += 1
-      n += 1
+  def export(self, r: int, run: str) -> None:
+    """Export kills (one per round while training kills remain, else all that remain), then
+    the export run to the end and compared with the reference's."""
+    out = run + "_export"
+    exports = self.todo.count("export")
+    quota = exports if len(self.todo) == exports else min(1, exports)
+    for _ in range(5 * self.kills):  # an export that finishes before its kill is redone
+      if not quota:
+        break
       existed = os.path.exists(out)
-      w = Watched(export_command(run, out), logs(f"round{r}_{n:03d}_export.log"),
-                  export_to=out)
-      phase = run_until(w, kill_trigger("export", rng, every, steps))
-      if phase is None:  # finished before the kill: not counted, try again
+      w = self.start(export_command(run, out), f"round{r}_export", export_to=out)
+      phase = run_until(w, kill_trigger("export", self.rng, self.every, self.steps))
+      if phase is None:
         if w.wait():
-          result.errors.append(f"round {r}: export failed:\n{w.tail()}")
-          break
+          return self.fail(f"round {r}: export", w)
         continue
-      todo.remove("export")
+      self.todo.remove("export")
       quota -= 1
       left = "none"
       if os.path.exists(out):
-        left = "INCOMPLETE" if folder_differences(out, ref_export) else (
+        left = "INCOMPLETE" if folder_differences(out, self.ref_export) else (
             "previous" if existed else "complete")
-      kill = Kill(spec.name, r, "export", phase, w.elapsed(), export_left=left, every=every)
-      result.kills.append(kill)
+      kill = Kill(self.spec.name, r, "export", phase, w.elapsed(), export_left=left,
+                  every=self.every)
+      self.result.kills.append(kill)
       log(kill.row())
-    n += 1
-    w = Watched(export_command(run, out), logs(f"round{r}_{n:03d}_export.log"))
+    w = self.start(export_command(run, out), f"round{r}_export")
     if w.wait():
-      result.errors.append(f"round {r}: export failed:\n{w.tail()}")
-      break
-    diff = folder_differences(out, ref_export)
-    result.export_equal.append(not diff)
+      return self.fail(f"round {r}: export", w)
+    diff = folder_differences(out, self.ref_export)
+    self.result.export_equal.append(not diff)
     if diff:
-      result.errors.append(f"round {r}: export differs from the reference's in {diff}")
+      self.result.errors.append(f"round {r}: export differs from the reference's in {diff}")
     temporaries = export_temporaries(out, moved_aside=True)
     if temporaries:
-      result.leftovers.append(f"round {r}: export temporaries {temporaries}")
-  result.wall_s = time.time() - t0
-  return result
+      self.result.leftovers.append(f"round {r}: export temporaries {temporaries}")
+
+
+def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, every: int,
+              base: str | None = None) -> StageResult:
+  """The reference run and export, then `kills` kills of the same commands in rounds (a
+  fresh workdir each, trained to the end and exported); see the module doc for what is
+  checked. `workdir` is this stage's own folder; what is in it is deleted first."""
+  t0 = time.time()
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(os.path.join(workdir, "logs"))
+  chaos = _StageChaos(spec, workdir, kills, seed, steps, every, base)
+  chaos.reference()
+  res = chaos.result
+  while chaos.todo and not res.errors:
+    if res.rounds == kills + 2:  # each round but the last should take a kill at least
+      res.errors.append(f"kills not made after {res.rounds} rounds: {chaos.todo}")
+      break
+    res.rounds += 1
+    run = os.path.join(workdir, f"round{res.rounds}")
+    if chaos.train(res.rounds, run):
+      chaos.check(res.rounds, run)
+      chaos.export(res.rounds, run)
+  res.wall_s = time.time() - t0
+  return res
 
 
 def summary_table(results: list[StageResult]) -> str:
