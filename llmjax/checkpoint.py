@@ -7,12 +7,14 @@ Layout of `<workdir>/checkpoints/<stage>/<step>/`:
   meta/   JSON: the model config and what produced the checkpoint
 
 Orbax writes each step into a temporary directory and renames it into place only after every
-item is written, so a crash mid-save leaves nothing that `latest_step()` will pick up.
+item is written, so a crash mid-save leaves nothing that `latest_step()` will pick up. Old
+steps leave the same way: renamed into `.deleted/` in one step, then deleted (see `TRASH`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -23,21 +25,47 @@ from llmjax.errors import CheckpointError
 from llmjax.model.config import ModelConfig
 
 
-class Checkpointer:
-  """Saves every `every` steps (asynchronously), keeps the newest `keep`."""
+# Orbax deletes an old step's files one by one, in place: a process killed meanwhile (found
+# by bench/chaos.py) left a step directory that lists as saved but does not restore. Moved
+# into this subfolder first (one rename), a step being deleted is never listed; what is there
+# is deleted after the next save starts, at close, and by the next start (a killed run's).
+# (Orbax ignores the option on gs://, where it deletes in place as before.)
+TRASH = ".deleted"
 
-  def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True):
+
+class Checkpointer:
+  """Saves every `every` steps (asynchronously), keeps the newest `keep`.
+
+  `read_only`: for reading another process's run (export, generation, a stage's start). It
+  changes nothing on disk: a writer deletes unfinished saves when it opens the folder, which
+  would delete the save a training run of that folder has in flight and crash it.
+  """
+
+  def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.every = every
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True, todelete_subdir=TRASH)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+        self.directory, options=options,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
                        "train": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    self._empty_trash()
+
+  def _empty_trash(self) -> None:
+    trash = os.path.join(self.directory, TRASH)
+    if not self.read_only and jax.process_index() == 0 and os.path.isdir(trash):
+      for name in os.listdir(trash):
+        shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -64,6 +92,7 @@ class Checkpointer:
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._empty_trash()  # the save before this one has finished: its deletions are done
 
   def save_params_only(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """Saves parameters and meta without train/data state (an import or export source).
@@ -73,6 +102,7 @@ class Checkpointer:
     """
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._empty_trash()
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -98,9 +128,11 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until pending async saves are committed."""
     self._manager.wait_until_finished()
+    self._empty_trash()
 
   def close(self) -> None:
     self._manager.close()
+    self._empty_trash()
 
 
 def check_same_model(saved: dict[str, Any], cfg: ModelConfig, where: str) -> None:

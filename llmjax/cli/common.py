@@ -36,8 +36,12 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None,
 
 # Orbax and grain log every save and iterator step at INFO; that drowns the progress line.
 _CHATTY = ("/orbax/", "/grain/", "xla_bridge.py")
+# Orbax warns whenever it opens a folder read-only, which is how runs are read.
+_EXPECTED_WARNINGS = ("Given directory is read only",)
 
 
 def _quiet_libraries(record: std_logging.LogRecord) -> bool:
+  if "/orbax/" in record.pathname and str(record.msg).startswith(_EXPECTED_WARNINGS):
+    return False
   return record.levelno >= std_logging.WARNING or not any(
       part in record.pathname for part in _CHATTY)

@@ -85,7 +85,8 @@ def _base_model_name(meta: dict[str, Any]) -> str:
   """The HF folder the adapters' base checkpoint was imported from, else its workdir."""
   from llmjax.checkpoint import Checkpointer
   base = meta["base"]
-  ckpt = Checkpointer(os.path.join(base["workdir"], "checkpoints", base["stage"]), every=1)
+  ckpt = Checkpointer(os.path.join(base["workdir"], "checkpoints", base["stage"]), every=1,
+                      read_only=True)
   try:
     base_meta = ckpt.read_meta(base["step"])
   finally:

@@ -11,7 +11,8 @@ alone as a PEFT folder instead. A reward model (head 'score') exports as
 LlamaForSequenceClassification / Qwen2ForSequenceClassification with num_labels=1.
 
 Everything is written into a temporary folder beside the output and renamed into place once
-complete, so a failed export never leaves a folder that looks usable. Tensors are fetched and
+complete, so a failed or killed export never leaves a folder that looks usable (what a killed
+one leaves beside it, the next export to that output removes). Tensors are fetched and
 converted one at a time and shards written as they fill, so host memory holds at most one
 shard, never a second copy of the model.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from typing import Any, Iterable
 
@@ -134,8 +136,46 @@ def _special_id(tokenizer: Any, name: str) -> int | None:
 
 
 def atomic_output_dir(output: str, overwrite: bool = False):
-  """Context manager: a temporary folder beside `output`, renamed to it on success."""
+  """Context manager: a temporary folder beside `output`, renamed to it on success.
+
+  A process killed before the rename (SIGKILL, a lost VM) leaves its temporary folder
+  behind, never a folder at `output`; the next export to the same `output` from this host
+  deletes such leftovers (their process is gone), so a retried export of a large model does
+  not pile up copies of it.
+  """
   return _AtomicDir(output, overwrite)
+
+
+def _temporary_prefixes(output: str) -> tuple[str, str]:
+  """Name prefixes of this process's temporaries for `output`: its own folder being
+  written, and the replaced one moved aside (`--overwrite`). Host and pid name the owner."""
+  owner = f"{socket.gethostname()}-{os.getpid()}-"
+  name = os.path.basename(output)
+  return f".{name}.tmp-{owner}", f".{name}.old-{owner}"
+
+
+def _remove_abandoned_temporaries(output: str) -> None:
+  """Deletes what exports to `output` killed on this host left: temporaries whose process
+  is no longer running (another process's live export is left alone)."""
+  parent, name = os.path.split(output)
+  host = socket.gethostname()
+  pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-{re.escape(host)}-(\d+)-")
+  for entry in os.listdir(parent):
+    match = pattern.match(entry)
+    if match and not _running(int(match.group(2))):
+      logging.info("Removing %s, left by an export that did not finish",
+                   os.path.join(parent, entry))
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's process
+    return True
+  return True
 
 
 class _AtomicDir:
@@ -152,7 +192,8 @@ class _AtomicDir:
                         "--overwrite")
     parent = os.path.dirname(self.output)
     os.makedirs(parent, exist_ok=True)
-    self.tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(self.output)}.tmp-")
+    _remove_abandoned_temporaries(self.output)
+    self.tmp = tempfile.mkdtemp(dir=parent, prefix=_temporary_prefixes(self.output)[0])
     return self.tmp
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -168,7 +209,8 @@ class _AtomicDir:
       if os.path.isdir(self.output) and not os.listdir(self.output):
         os.rmdir(self.output)
       else:  # --overwrite: move the old one aside first so the swap is two renames
-        old = tempfile.mkdtemp(dir=os.path.dirname(self.output), prefix=".old-")
+        old = tempfile.mkdtemp(dir=os.path.dirname(self.output),
+                               prefix=_temporary_prefixes(self.output)[1])
         os.replace(self.output, os.path.join(old, "x"))
     os.replace(self.tmp, self.output)
     if old:

@@ -135,7 +135,7 @@ def checkpoint_head(workdir: str, stage: str, step: int | None = None) -> str:
   if not os.path.isdir(directory):
     raise CheckpointError(f"{workdir} has no checkpoint of stage {stage!r}; its stages: "
                           f"{saved_stages(workdir)}")
-  ckpt = Checkpointer(directory, every=1)
+  ckpt = Checkpointer(directory, every=1, read_only=True)
   try:
     meta = ckpt.read_meta(ckpt.resolve_step(step))
   finally:
@@ -176,7 +176,7 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
   if not os.path.isdir(directory):
     raise CheckpointError(f"{workdir} has no checkpoint of stage {stage!r}; its stages: "
                           f"{saved_stages(workdir)}")
-  ckpt = Checkpointer(directory, every=1)
+  ckpt = Checkpointer(directory, every=1, read_only=True)
   try:
     step = ckpt.resolve_step(step)
     meta = {**ckpt.read_meta(step), "workdir": workdir}
