@@ -117,13 +117,34 @@ class Checkpointer:
              "train": ocp.args.StandardRestore(train)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._restore(step, ocp.args.Composite(**items))
     return {"params": restored["params"], **restored["train"]}
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Only the parameters at `step` (for generation and export)."""
     args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-    return self._manager.restore(step, args=args)["params"]
+    return self._restore(step, args)["params"]
+
+  def _restore(self, step: int, args: Any) -> Any:
+    self._check_shapes(step, args["params"].item)
+    return self._manager.restore(step, args=args)
+
+  def _check_shapes(self, step: int, abstract_params: Any) -> None:
+    """CheckpointError naming the arrays whose saved shape is not the model's (a checkpoint
+    altered or mixed with another run's): Orbax would refuse them naming neither."""
+    try:
+      saved = self._manager.item_metadata(step)["params"]
+      saved = dict(_shapes_by_path(getattr(saved, "tree", saved)))
+    except Exception:  # pylint: disable=broad-except  # no metadata: Orbax checks alone
+      return
+    wrong = [f"{path} is {list(saved[path])} in the checkpoint, {list(shape)} in the model"
+             for path, shape in _shapes_by_path(abstract_params)
+             if path in saved and tuple(saved[path]) != tuple(shape)]
+    if wrong:
+      raise CheckpointError(
+          f"{self.directory}/{step} holds arrays that do not fit the model its meta records "
+          f"({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}): the checkpoint was "
+          "altered or mixed with another run's; restore it from a copy or retrain")
 
   def wait(self) -> None:
     """Blocks until pending async saves are committed."""
@@ -145,6 +166,16 @@ def check_same_model(saved: dict[str, Any], cfg: ModelConfig, where: str) -> Non
     raise CheckpointError(
         f"{where} holds a checkpoint of a different model ({'; '.join(diffs)}). Use a new "
         "--workdir, or set the model config back to the checkpoint's.")
+
+
+def _shapes_by_path(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+  """('layers/0/attn/q_proj', shape) of each array-like leaf, whatever the key types."""
+  out = []
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys]
+    if hasattr(leaf, "shape"):
+      out.append(("/".join(n for n in names if n != "value"), tuple(leaf.shape)))
+  return out
 
 
 def abstract_like(tree: Any) -> Any:

@@ -2,8 +2,6 @@
 
 import glob
 import os
-import subprocess
-import sys
 
 import gin
 import pytest
@@ -182,12 +180,3 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, tokenizer_path):
 def test_tokenizer_larger_than_model_vocab(tmp_path, tokenizer_path):
   with pytest.raises(ConfigError, match="512 pieces.*vocab_size is 256"):
     _run(tmp_path, tokenizer_path, ["model_config.overrides = {'vocab_size': 256}"])
-
-
-def test_cli_reports_errors_without_traceback(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "llmjax.cli.train", f"--workdir={tmp_path}",
-       "--gin.TrainConfig.total_stepz=3"], capture_output=True, text=True, cwd=ROOT)
-  assert proc.returncode == 2
-  assert "error: gin config" in proc.stderr and "total_stepz" in proc.stderr
-  assert "Traceback" not in proc.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import app, logging
@@ -13,10 +15,11 @@ from llmjax.errors import LlmjaxError
 
 def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None,
         commands: Sequence[str] = ()) -> None:
-  """`absl.app.run(main)`, printing an `LlmjaxError` as `error: ...` without a traceback.
+  """`absl.app.run(main)`, printing an `LlmjaxError` as one line `error: ...` and exiting 2.
 
   Those errors name the file, line or key at fault and what to do; a traceback would bury
-  that. Any other exception is a bug and keeps its traceback. A script takes no positional
+  that, so it is shown only with `--verbosity=1` (absl's debug level, `-v 1`). Any other
+  exception is a bug and keeps its traceback (exit 1). A script takes no positional
   argument but one of its `commands` (`llmjax-scaling plan`), so a stray one (a flag missing
   its `--`) is a usage error, not ignored.
   """
@@ -29,9 +32,22 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None,
     try:
       main(args)
     except LlmjaxError as e:
-      print(f"error: {e}", file=sys.stderr)
+      if logging.level_debug():
+        traceback.print_exc()
+      print(f"error: {one_line(e)}", file=sys.stderr)
       sys.exit(2)
   app.run(guarded, argv=list(argv) if argv is not None else None)
+
+
+# gin appends where a configurable was called ("\n  In call to configurable 'TrainConfig'
+# (<class ...>)") to every exception raised inside one; our messages name the key already.
+_GIN_CALL_SITE = re.compile(r"^\s*In call to configurable .*$", re.MULTILINE)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line: gin's call sites dropped, other lines joined."""
+  text = _GIN_CALL_SITE.sub("", str(error))
+  return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 # Orbax and grain log every save and iterator step at INFO; that drowns the progress line.

@@ -40,8 +40,9 @@ def configure(gin_files: list[str], gin_bindings: list[str], workdir: str,
   """Parses gin and builds every stage, then records the config in the workdir.
 
   Nothing is written, and the workdir is not created, unless every stage and `MeshConfig()`
-  (against this run's devices) built without error: a bad override must not touch an
-  existing run. Returns the stages.
+  (against this run's devices) built without error and every stage that already has
+  checkpoints in the workdir is the model and tokenizer they hold: a bad override must not
+  touch an existing run. Returns the stages.
   """
   import jax
   from llmjax import stages
@@ -60,9 +61,43 @@ def configure(gin_files: list[str], gin_bindings: list[str], workdir: str,
       raise ConfigError(f"gin config: {e}. Bind it in the gin file or with "
                         "--gin.NAME=VALUE.") from None
     raise
+  for stage in configured:
+    check_resumable(workdir, stage)
   if jax.process_index() == 0:
     write_config(workdir, configured, command)
   return configured
+
+
+def check_resumable(workdir: str, stage) -> None:
+  """CheckpointError/ConfigError when `stage`'s checkpoints in `workdir` hold another model,
+  or were trained with another tokenizer than the `TokenizerConfig.path` it is given.
+
+  The train loop checks the model again on resume; here it fails before config.gin is
+  rewritten, so a wrong --workdir is left exactly as it was.
+  """
+  from llmjax.checkpoint import Checkpointer, check_same_model
+  from llmjax.data.hf_tokenizer import load_tokenizer
+  from llmjax.data.tokenizer import same_vocabulary
+  from llmjax.runs.load import has_checkpoint
+  model = getattr(stage, "model", None)
+  if model is None or not has_checkpoint(workdir, stage.name):
+    return
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), every=1)
+  try:
+    step = ckpt.latest_step()
+    meta = ckpt.read_meta(step) if step is not None else None
+  finally:
+    ckpt.close()
+  if meta is None:
+    return
+  check_same_model(meta["model"], model, ckpt.directory)
+  given = getattr(getattr(stage, "tokenizer", None), "path", None)
+  recorded = os.path.join(workdir, meta.get("tokenizer") or "")
+  if given and meta.get("tokenizer") and os.path.isfile(recorded) and not same_vocabulary(
+      load_tokenizer(given), load_tokenizer(recorded)):
+    raise ConfigError(f"TokenizerConfig.path={given!r} is not the tokenizer {ckpt.directory} "
+                      f"was trained with ({recorded}; their vocabularies differ): resume "
+                      "with that one, or use a new --workdir")
 
 
 CONFIG_FILE = "config.gin"

@@ -173,7 +173,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
   if params and any(isinstance(v, dict) for v in params.values()):
     raise ConfigError("config.json rope_parameters differs per layer type; only one RoPE "
                       "setting for every layer is supported")
-  theta = hf.get("rope_theta", params.get("rope_theta", 10_000.0))
+  theta = _field(hf, "rope_theta", float, params.get("rope_theta", 10_000.0))
   if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
     scaling = params
   if not scaling:
@@ -191,6 +191,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         original_max_position=int(scaling["original_max_position_embeddings"]))
   except KeyError as e:
     raise ConfigError(f"config.json rope_scaling (llama3) lacks field {e.args[0]!r}") from None
+  except (TypeError, ValueError):
+    raise ConfigError(f"config.json rope_scaling={scaling!r} has a field that is not a "
+                      "number: fix config.json") from None
 
 
 def _check_supported(hf: dict[str, Any], arch: str) -> None:
@@ -231,22 +234,39 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
       raise ConfigError(f"config.json is a {arch} with num_labels={labels}; only num_labels=1 "
                         "(a reward model: one scalar score per sequence) is supported")
   theta, scaling = _rope_from_hf(hf)
-  try:
-    n_heads = int(hf["num_attention_heads"])
-    d_model = int(hf["hidden_size"])
-    return ModelConfig(
-        vocab_size=int(hf["vocab_size"]), d_model=d_model,
-        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        d_ff=int(hf["intermediate_size"]),
-        head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=_MODEL_TYPES[arch] == "qwen2",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head=head,
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)), dtype=dtype,
-        param_dtype=dtype)
-  except KeyError as e:
-    raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+  n_heads = _field(hf, "num_attention_heads", int)
+  d_model = _field(hf, "hidden_size", int)
+  return ModelConfig(
+      vocab_size=_field(hf, "vocab_size", int), d_model=d_model,
+      n_layers=_field(hf, "num_hidden_layers", int), n_heads=n_heads,
+      n_kv_heads=_field(hf, "num_key_value_heads", int, n_heads),
+      d_ff=_field(hf, "intermediate_size", int),
+      head_dim=_field(hf, "head_dim", int, d_model // max(n_heads, 1)),
+      rope_theta=theta, rope_scaling=scaling, norm_eps=_field(hf, "rms_norm_eps", float, 1e-6),
+      qkv_bias=_MODEL_TYPES[arch] == "qwen2",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head=head,
+      max_seq_len=_field(hf, "max_position_embeddings", int, 2048), dtype=dtype,
+      param_dtype=dtype)
+
+
+_REQUIRED = object()
+
+
+def _field(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+  """config.json's `key` as an int or float; ConfigError naming the field when it is missing
+  (and has no default) or not a number. Unset, null or 0 optional fields take the default."""
+  value = hf.get(key)
+  if value is None or (default is not _REQUIRED and not value):
+    if default is _REQUIRED:
+      raise ConfigError(f"config.json lacks required field {key!r}: the folder's config.json "
+                        "must be the one save_pretrained wrote for these weights")
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+      kind is int and not float(value).is_integer()):
+    raise ConfigError(f"config.json {key}={value!r} is not "
+                      f"{'an integer' if kind is int else 'a number'}: fix config.json "
+                      "(save_pretrained writes numbers)")
+  return kind(value)
 
 
 def architecture_for(cfg: ModelConfig) -> str:

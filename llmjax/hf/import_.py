@@ -49,6 +49,15 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def _open_safetensors(path: str) -> Any:
+  from safetensors import safe_open
+  try:
+    return safe_open(path, framework="numpy")
+  except Exception as e:  # safetensors raises SafetensorError for a truncated header
+    raise CheckpointError(f"{path}: unreadable safetensors file ({e}); download it "
+                          "again") from None
+
+
 class SafetensorsFolder:
   """The tensors of `model.safetensors` or of the shards listed in its index, read lazily."""
 
@@ -56,6 +65,7 @@ class SafetensorsFolder:
     self.dir = hf_dir
     single = os.path.join(hf_dir, "model.safetensors")
     index = single + ".index.json"
+    self._open: dict[str, Any] = {}
     if os.path.isfile(index):
       try:
         with open(index, encoding="utf-8") as f:
@@ -70,12 +80,10 @@ class SafetensorsFolder:
                               f"{hf_dir}: download them again")
       self.files = {name: os.path.join(hf_dir, s) for name, s in weight_map.items()}
     elif os.path.isfile(single):
-      from safetensors import safe_open
-      with safe_open(single, framework="numpy") as f:
-        self.files = {name: single for name in f.keys()}
+      self._open = {single: _open_safetensors(single)}
+      self.files = {name: single for name in self._open[single].keys()}
     else:
       self._refuse(hf_dir)
-    self._open: dict[str, Any] = {}
 
   @staticmethod
   def _refuse(hf_dir: str) -> None:
@@ -90,12 +98,7 @@ class SafetensorsFolder:
 
   def _handle(self, path: str):
     if path not in self._open:
-      from safetensors import safe_open
-      try:
-        self._open[path] = safe_open(path, framework="numpy")
-      except Exception as e:  # safetensors raises SafetensorError for truncated files
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e}); download it "
-                              "again") from None
+      self._open[path] = _open_safetensors(path)
     return self._open[path]
 
   def names(self) -> list[str]:
@@ -127,7 +130,10 @@ def load_hf_params(hf_dir: str, dtype: str = "float32") -> tuple[ModelConfig, An
   from llmjax.model.transformer import build_model
   if dtype not in DTYPES:
     raise ConfigError(f"--dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)}")
-  cfg = convert.config_from_hf(read_hf_config(hf_dir), dtype)
+  try:
+    cfg = convert.config_from_hf(read_hf_config(hf_dir), dtype)
+  except ConfigError as e:
+    raise ConfigError(f"{hf_dir}: {e}") from None
   weights = SafetensorsFolder(hf_dir)
   specs = {s.path: s for s in convert.tensor_specs(cfg)}
   expected = {s.hf_name for s in specs.values()}

@@ -167,7 +167,6 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
       checkpoint land; default one device.
     kernel: the int4 matmul of a quantized checkpoint ('pallas' or 'reference').
   """
-  from llmjax.data.hf_tokenizer import load_tokenizer
   from llmjax.model.transformer import build_model
 
   workdir = os.path.abspath(workdir)
@@ -193,8 +192,23 @@ def load_run(workdir: str, stage: str | None = None, step: int | None = None,
     ckpt.close()
   # An import of an HF model saved without a tokenizer records None.
   tok_file = meta.get("tokenizer", "tokenizer.model")
-  tokenizer = load_tokenizer(os.path.join(workdir, tok_file)) if tok_file else None
+  tokenizer = _load_tokenizer(os.path.join(workdir, tok_file), cfg,
+                              f"{directory}/{step}") if tok_file else None
   return LoadedRun(graphdef, params, cfg, tokenizer, stage, step, meta)
+
+
+def _load_tokenizer(path: str, cfg: ModelConfig, where: str) -> Any:
+  """The tokenizer a checkpoint records, which must still be there and fit its model."""
+  from llmjax.data.hf_tokenizer import load_tokenizer
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path} is missing: {where} was trained with it; copy it back "
+                          "into the workdir")
+  tokenizer = load_tokenizer(path)
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise CheckpointError(f"{path} has {tokenizer.vocab_size} pieces but the model of {where} "
+                          f"has vocab_size {cfg.vocab_size}: it is not the tokenizer that "
+                          "model was trained with; put that one back")
+  return tokenizer
 
 
 def load_base(meta: dict[str, Any], where: str) -> LoadedRun:

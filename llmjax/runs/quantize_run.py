@@ -18,7 +18,7 @@ from llmjax.data import pipeline
 from llmjax.errors import CheckpointError
 from llmjax.model import quant
 from llmjax.runs import quantized
-from llmjax.runs.load import load_run
+from llmjax.runs.load import load_run, saved_stages
 
 REPORT_FILE = "quant_report.json"
 
@@ -51,6 +51,10 @@ def quantize_run(workdir: str, output: str, cfg: quant.QuantConfig, *,
       stage in (None, quantized.QUANTIZED_STAGE):
     raise CheckpointError(f"{workdir} holds a quantized checkpoint: quantize the float run "
                           f"it came from (its 'source' in {REPORT_FILE})")
+  others = [s for s in saved_stages(output) if s != quantized.QUANTIZED_STAGE]
+  if others:
+    raise CheckpointError(f"--output={output} is the workdir of another run (it holds the "
+                          f"checkpoints of {others}); quantize into a new directory")
   target = os.path.join(output, "checkpoints", quantized.QUANTIZED_STAGE)
   if os.path.exists(target):
     if not overwrite:
