@@ -58,7 +58,9 @@ def test_resume_on_another_stage_count_matches_unpipelined_training(workers):
   # Steps 1-2 on 2 stages, 3-4 resumed on 4 stages, each with grad accumulation 2 x 2
   # pipeline microbatches: the same losses and parameters as 4 steps without pipelining.
   assert r["loss"] == pytest.approx(r["plain_loss"], rel=1e-5)
-  assert r["param_max_abs_diff"] <= 1e-5 * r["param_change"] + 1e-7
+  # AdamW's m / sqrt(v) amplifies reduction-order noise of small gradients: 6e-7 of a 0.02
+  # change on one CPU (3e-5 relative), while a wrong resume or schedule moves params by ~1x.
+  assert r["param_max_abs_diff"] <= 1e-4 * r["param_change"] + 1e-7
   # The bubble logged by each stage count: (p-1)/(m+p-1) with m = 2.
   assert r["bubble"] == pytest.approx([1 / 3, 1 / 3, 3 / 5, 3 / 5])
   # Stored parameters (and so optimizer state) are split over `stage` too: 4 stages x 2 data.
