@@ -16,9 +16,10 @@ Parameters (the layout checkpoints and HF conversion rely on), for E experts of 
 
 Two ways to run the experts, both static-shaped:
   dropless (moe_capacity_factor 0): the token-expert assignments are sorted by expert and
-    run as grouped matmuls (`jax.lax.ragged_dot`, a native grouped GEMM on GPU and TPU; XLA:CPU
-    lowers it to a dense matmul per expert over all rows, masked), then unsorted and summed
-    with their weights. Nothing is ever dropped.
+    run as grouped matmuls (`jax.lax.ragged_dot`, a native grouped GEMM on GPU and TPU), then
+    unsorted and summed with their weights. Nothing is ever dropped. XLA:CPU has no grouped
+    GEMM (it lowers ragged_dot to a masked dense matmul per expert over all rows), so on CPU
+    the sorted rows run in expert-aligned blocks instead (`_blocked_ffn`).
   capacity (moe_capacity_factor c > 0): expert e takes at most C = ceil(c * T * k / E)
     assignments of the T tokens of the forward pass, in a `[E, C, d_model]` buffer run as one
     batched matmul. Priority (GShard's): every token's first choice before any second choice,
@@ -34,10 +35,14 @@ that share its data and fsdp coordinates), runs its own experts on the assignmen
 them, and the partial outputs go back to the rows' owners by a reduce-scatter over `expert`
 (a psum over `tensor` first when the experts' hidden units are split there). The weights
 enter the shard_map gathered over `fsdp` (as FSDP gathers any weight for its matmul), so the
-experts' `embed` dimension may stay sharded at rest. An all-gather + reduce-scatter moves
-2 x X times the rows of an all-to-all, with no ragged exchange: simple and exact, fine at
-small X; the routing itself (router, top-k, capacity, statistics) runs on the global batch
-outside the shard_map, so the result does not depend on the mesh.
+experts' `embed` dimension may stay sharded at rest. The routing itself (router, top-k,
+capacity, statistics) runs on the global batch outside the shard_map, so the result does
+not depend on the mesh. Trade-off: each device receives its group's X x T rows where an
+all-to-all dispatch would move about k x T, and its static buffers are sized for the
+group's X x T x k assignments, about X times those its experts get (the CPU blocks skip
+the empty rows; what ragged_dot spends on them depends on its backend); simple and exact,
+meant for small X. A ragged all-to-all
+dispatch is the step up for large expert counts.
 """
 
 from __future__ import annotations
@@ -94,9 +99,14 @@ def capacity_keep(experts: jax.Array, valid: jax.Array, n_experts: int,
   return ((position < slots) & valid[None, :]).T
 
 
+# Rows per block of the CPU dropless path (`_blocked_ffn`).
+CPU_BLOCK_ROWS = 64
+
+
 def expert_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, keep: jax.Array,
                w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, first_expert=0,
-               slots: int | None = None, dtype=jnp.float32) -> jax.Array:
+               slots: int | None = None, dtype=jnp.float32,
+               grouped: str | None = None) -> jax.Array:
   """The weighted sum of a block of experts' outputs over each token's kept assignments.
 
   Args:
@@ -105,9 +115,12 @@ def expert_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, keep: jax.A
       whether each assignment runs (False: dropped by capacity).
     w_gate, w_up: `[E_local, d_model, f]`, w_down `[E_local, f, d_model]`: experts
       `first_expert .. first_expert + E_local - 1`; assignments to others add nothing.
-    slots: None: dropless (grouped matmuls over the sorted assignments). An int: at most
-      this many kept assignments per expert, run in an `[E_local, slots, d_model]` buffer
-      (the caller guarantees the bound).
+    slots: None: dropless. An int: at most this many kept assignments per expert, run in an
+      `[E_local, slots, d_model]` buffer (the caller guarantees the bound).
+    grouped: how dropless runs its grouped matmuls: 'ragged' (`jax.lax.ragged_dot`; the
+      default on GPU and TPU, where it is a native grouped GEMM) or 'blocks' (the default on
+      CPU, where ragged_dot lowers to a masked dense matmul per expert over all rows: E
+      times the work). See `_blocked_ffn`.
   Returns:
     `[tokens, d_model]` float32.
   """
@@ -116,30 +129,79 @@ def expert_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, keep: jax.A
   local = experts - first_expert
   mine = (keep & (local >= 0) & (local < n_local)).reshape(-1)
   group = jnp.where(mine, local.reshape(-1), n_local)  # [t * k]; others sort last
-  order = jnp.argsort(group, stable=True)
+  order = jnp.argsort(group, stable=True)  # the assignments grouped by expert
   sizes = jnp.bincount(group, length=n_local + 1)
+  # Each assignment's rank among its expert's, in sorted order.
+  rank_sorted = jnp.arange(t * k) - (jnp.cumsum(sizes) - sizes)[group[order]]
+  tokens = order // k  # the token of each sorted assignment
   cast = lambda w: w.astype(dtype)
-  if slots is None:
-    rows = x[order // k].astype(dtype)  # the assignments' tokens, grouped by expert
+  grouped = grouped or ("blocks" if jax.default_backend() == "cpu" else "ragged")
+  if slots is None and grouped == "ragged":
+    rows = x[tokens].astype(dtype)
     mm = lambda a, w: jax.lax.ragged_dot(a, cast(w), sizes[:n_local],
                                          preferred_element_type=jnp.float32)
     hidden = swiglu(mm(rows, w_gate).astype(dtype), mm(rows, w_up).astype(dtype))
     out_sorted = mm(hidden, w_down)  # [t * k, d]; rows past the groups are not computed
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+  elif slots is None:
+    out_sorted = _blocked_ffn(x[tokens].astype(dtype), group[order], rank_sorted, sizes,
+                              w_gate, w_up, w_down, dtype)
   else:
-    # The rank of each assignment among its expert's, from the same sort: a unique slot.
-    starts = jnp.cumsum(sizes) - sizes
-    rank = jnp.zeros_like(group).at[order].set(jnp.arange(t * k) - starts[group[order]])
-    target = (jnp.where(mine, group, n_local), jnp.where(mine, rank, 0))
-    tokens = x[jnp.arange(t * k) // k].astype(dtype)
-    buffer = jnp.zeros((n_local, slots, x.shape[-1]), dtype).at[target].set(tokens, mode="drop")
+    # A unique slot per kept assignment: its rank among its expert's.
+    target = (group[order], rank_sorted)
+    buffer = jnp.zeros((n_local, slots, x.shape[-1]), dtype).at[target].set(
+        x[tokens].astype(dtype), mode="drop")  # others' rows (group n_local) fall off
     mm = lambda a, w, spec: jnp.einsum(spec, a, cast(w), preferred_element_type=jnp.float32)
     hidden = swiglu(mm(buffer, w_gate, "ecd,edf->ecf").astype(dtype),
                     mm(buffer, w_up, "ecd,edf->ecf").astype(dtype))
     out_buffer = mm(hidden, w_down, "ecf,efd->ecd")
-    out = out_buffer[jnp.minimum(target[0], n_local - 1), target[1]]
+    out_sorted = out_buffer[jnp.minimum(target[0], n_local - 1), jnp.minimum(target[1],
+                                                                              slots - 1)]
+  out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)  # back to (token, choice) order
   out = jnp.where(mine[:, None], out, 0.0).reshape(t, k, -1)  # never garbage * 0
   return jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), out)
+
+
+def _blocked_ffn(rows, group, rank, sizes, w_gate, w_up, w_down, dtype):
+  """The experts on their sorted rows, `CPU_BLOCK_ROWS` rows at a time (MegaBlocks' layout).
+
+  Each expert's rows are padded to whole blocks, so every block belongs to one expert; a
+  `lax.scan` over the blocks runs one `[block, d] @ [d, f]` SwiGLU per block with that
+  expert's weights, and skips the blocks past the last expert's. Work: at most
+  `rows + E_local * (block - 1)` rows, against `E_local * rows` for XLA:CPU's ragged_dot.
+
+  Args:
+    rows: `[n, d]` the assignments' inputs sorted by expert; `group [n]` their local expert
+      (E_local: not this device's, sorted last); `rank [n]` their index within it;
+      `sizes [E_local + 1]` the rows per group.
+  Returns:
+    `[n, d]` float32, 0 for rows of no local expert.
+  """
+  n, d = rows.shape
+  n_local, block = w_gate.shape[0], CPU_BLOCK_ROWS
+  padded = -(-sizes[:n_local] // block) * block
+  ends = jnp.cumsum(padded)
+  n_blocks = -(-(n + n_local * (block - 1)) // block)  # a static bound on sum(padded)
+  mine = group < n_local
+  slot = jnp.where(mine, (ends - padded)[jnp.minimum(group, n_local - 1)] + rank,
+                   n_blocks * block)
+  xs = jnp.zeros((n_blocks * block, d), dtype).at[slot].set(rows, mode="drop")
+  block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n_blocks) * block,
+                                              side="right"), n_local - 1)
+  used = ends[-1] // block  # blocks past it hold no row (many, when most rows are others')
+
+  def ffn(xb, e):
+    mm = lambda a, w: jnp.dot(a, w[e].astype(dtype), preferred_element_type=jnp.float32)
+    hidden = swiglu(mm(xb, w_gate).astype(dtype), mm(xb, w_up).astype(dtype))
+    return mm(hidden, w_down)
+
+  def one_block(_, xs_e):
+    j, xb, e = xs_e
+    return None, jax.lax.cond(j < used, ffn, lambda xb, e: jnp.zeros((block, d), jnp.float32),
+                              xb, e)
+  _, ys = jax.lax.scan(one_block, None, (jnp.arange(n_blocks), xs.reshape(n_blocks, block, d),
+                                         block_expert))
+  return jnp.where(mine[:, None], ys.reshape(-1, d)[jnp.minimum(slot, n_blocks * block - 1)],
+                   0.0)
 
 
 def _axes(entry) -> tuple[str, ...]:

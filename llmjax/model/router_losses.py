@@ -43,12 +43,14 @@ class RouterStats(NamedTuple):
     z: `[]` sum of logsumexp(router logits)^2.
     tokens: `[]` token count (one per token per layer: each layer routes every token).
     dropped: `[]` assignments dropped by expert capacity (0 when dropless).
+    busiest: `[]` the busiest expert's assignments in each layer, summed over layers.
   """
   assignments: jax.Array
   probs: jax.Array
   z: jax.Array
   tokens: jax.Array
   dropped: jax.Array
+  busiest: jax.Array
 
 
 def router_stats(logits: jax.Array, experts: jax.Array, valid: jax.Array,
@@ -67,10 +69,12 @@ def router_stats(logits: jax.Array, experts: jax.Array, valid: jax.Array,
   probs = jax.nn.softmax(logits, axis=-1)
   chosen = jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=1)  # [T, E]
   lse = jax.nn.logsumexp(logits, axis=-1)
-  return RouterStats(assignments=w @ chosen, probs=w @ probs, z=jnp.sum(w * lse * lse),
+  assignments = w @ chosen
+  return RouterStats(assignments=assignments, probs=w @ probs, z=jnp.sum(w * lse * lse),
                      tokens=jnp.sum(w),
                      dropped=jnp.zeros((), jnp.float32) if dropped is None
-                     else dropped.astype(jnp.float32))
+                     else dropped.astype(jnp.float32),
+                     busiest=jnp.max(assignments))
 
 
 def add_stats(a: RouterStats | None, b: RouterStats | None) -> RouterStats | None:
@@ -161,10 +165,11 @@ def router_metrics(records: list) -> dict[str, tuple[jax.Array, jax.Array]]:
   """(sum, count) pairs of the recorded forward passes (the loop logs sum / count):
 
     moe/load_balancing_loss, moe/z_loss: the losses (uncoefficiented), per forward pass.
-    moe/max_load: the busiest expert's share of the assignments over the mean share (1 is
-      perfect balance, n_experts is everything on one expert), per forward pass.
+    moe/max_load: each layer's busiest expert's share of its assignments over the mean share
+      (1 is perfect balance, n_experts is everything on one expert), averaged over layers.
     moe/dropped_fraction: dropped assignments over all assignments.
-    moe/load_e{i}: expert i's share of the assignments (n_experts <= 16).
+    moe/load_e{i}: expert i's share of the assignments (n_experts <= 16), expert i of every
+      layer pooled, as the load-balancing loss pools them.
   """
   out: dict[str, list] = {}
 
@@ -177,7 +182,7 @@ def router_metrics(records: list) -> dict[str, tuple[jax.Array, jax.Array]]:
     n_experts = st.assignments.shape[-1]
     add("moe/load_balancing_loss", load_balancing_loss(st), 1.0)
     add("moe/z_loss", z_loss(st), 1.0)
-    add("moe/max_load", n_experts * jnp.max(st.assignments) / jnp.maximum(slots, 1.0), 1.0)
+    add("moe/max_load", n_experts * st.busiest / jnp.maximum(slots, 1.0), 1.0)
     add("moe/dropped_fraction", st.dropped, slots)
     if n_experts <= PER_EXPERT_METRICS_UP_TO:
       for i in range(n_experts):

@@ -2,6 +2,7 @@
 Switch / ST-MoE loss formulas (and transformers' implementation), hand-built overflow."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -86,7 +87,7 @@ def test_dropless_moe_equals_a_dense_loop_in_values_and_gradients(cfg):
   layer = make_moe(cfg)
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (3, 5, cfg.d_model))
-  out, stats = layer(x)
+  out, stats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
   ref = np_moe(flat_params(layer), np.asarray(x).reshape(15, -1), cfg.n_experts_per_token,
                cfg.norm_topk_prob)
   np.testing.assert_allclose(np.asarray(out).reshape(15, -1), ref, rtol=2e-5, atol=2e-6)
@@ -101,8 +102,8 @@ def test_dropless_moe_equals_a_dense_loop_in_values_and_gradients(cfg):
   def dense(params, x):
     return jnp.sum(jnp_dense_loop(params, x.reshape(15, -1), cfg.n_experts_per_token,
                                   cfg.norm_topk_prob).reshape(cot.shape) * cot)
-  g_state, g_x = jax.grad(ours, argnums=(0, 1))(state, x)
-  r_params, r_x = jax.grad(dense, argnums=(0, 1))(flat_params(layer), x)
+  g_state, g_x = jax.jit(jax.grad(ours, argnums=(0, 1)))(state, x)
+  r_params, r_x = jax.jit(jax.grad(dense, argnums=(0, 1)))(flat_params(layer), x)
   np.testing.assert_allclose(g_x, r_x, rtol=1e-4, atol=1e-6)
   got = {"/".join(str(k) for k in path): v[...] for path, v in nnx.to_flat_state(g_state)}
   assert set(got) == set(r_params)
@@ -154,8 +155,12 @@ def test_capacity_drops_exactly_the_overflowing_assignments():
   layer, x = routed_layer(first, second)
   assert moe.capacity(6, 2, 4, 1.0) == 3
   keep = np.array([[1, 1], [1, 1], [1, 1], [1, 0], [0, 0], [0, 0]], bool)
-  capped = layer
-  capped.capacity_factor = 1.0  # a numerics field: no parameter changes
+  layer.capacity_factor = 1.0  # a numerics field: no parameter changes
+  graphdef, state = nnx.split(layer)
+
+  @functools.partial(jax.jit, static_argnames="dropless")
+  def capped(x, segment_ids=None, dropless=False):
+    return nnx.merge(graphdef, state)(x, segment_ids, dropless)
   out, stats = capped(x)
   ref = np_moe(flat_params(layer), np.asarray(x)[0], 2, True, keep=keep)
   np.testing.assert_allclose(np.asarray(out)[0], ref, rtol=2e-5, atol=1e-6)
@@ -201,9 +206,16 @@ def test_router_losses_against_the_papers_formulas_and_transformers():
   hf = load_balancing_loss_func(tuple(torch.tensor(z) for z in layers), 6, k,
                                 torch.tensor(valid[None].astype(np.int64)))
   assert float(router_losses.load_balancing_loss(stats)) == pytest.approx(float(hf), rel=1e-5)
+  # Metrics: each layer's busiest expert over the mean load, averaged over the layers.
+  metrics = router_losses.router_metrics([router_losses._Recorded(stats, 0.01, 0.0, k)])
+  busiest = [6 * max((np.argsort(-np_softmax(z[valid].astype(np.float64)), axis=1)[:, :k] == e)
+                     .sum() for e in range(6)) / (valid.sum() * k) for z in layers]
+  s_, c_ = metrics["moe/max_load"]
+  assert float(s_ / c_) == pytest.approx(np.mean(busiest), rel=1e-5)
+  assert float(metrics["moe/load_e1"][0] / metrics["moe/load_e1"][1]) == pytest.approx(f[1] / k)
   # Perfect balance gives k (Switch's 1 at top-1): uniform probabilities, equal loads.
   even = router_losses.RouterStats(jnp.full((4,), 2.0), jnp.full((4,), 1.0), jnp.zeros(()),
-                                   jnp.asarray(4.0), jnp.zeros(()))
+                                   jnp.asarray(4.0), jnp.zeros(()), jnp.asarray(2.0))
   assert float(router_losses.load_balancing_loss(even)) == pytest.approx(2.0)
 
 
@@ -221,11 +233,13 @@ def test_router_loss_reaches_the_gradient_and_metrics_through_the_loop():
            "loss_mask": jnp.ones((2, 16), jnp.int32)}
 
   def run(cfg, train=True):
-    g = jax.tree.map(lambda x: x, nnx.split(build_model(cfg, seed=0))[0])
+    g = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))[0]
     def f(p):
       out = loop._call_loss(lm_objective(), {"policy": nnx.merge(g, p)}, batch, train)
       return out[0] / out[1], out
-    return jax.grad(f, has_aux=True)(params)
+    if not train:  # evaluation: no gradient
+      return None, jax.jit(lambda p: f(p)[1])(params)
+    return jax.jit(jax.grad(f, has_aux=True))(params)
   grads, (loss_sum, count, aux) = run(cfg)
   no_aux = dataclasses.replace(cfg, router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
   grads0, (loss_sum0, _, aux0) = run(no_aux)
@@ -315,3 +329,120 @@ def test_flops_per_token_count_active_parameters():
   attention = 12 * 32 * 32 * 128 * 4096
   expected = 6 * (cfg.num_active_params(include_embeddings=False) + 4096 * 32_000) + attention
   assert metrics.flops_per_token(cfg, 4096) == expected
+
+
+# A 64-wide tiny_moe: 8 experts of width 32, top-2, both router losses on.
+TINY = dataclasses.replace(PRESETS["tiny_moe"], d_model=64, n_heads=4, d_ff_expert=32,
+                           router_z_loss_coef=1e-3)
+
+
+def lm_batch(rows=2, seq=16, vocab=512, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(0, vocab, (rows, seq)), jnp.int32)
+  return {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1),
+          "segment_ids": jnp.asarray(np.repeat([[1] * (seq - 5) + [2] * 3 + [0] * 2], rows, 0),
+                                     jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(seq), (rows, seq)),
+          "loss_mask": jnp.ones((rows, seq), jnp.int32)}
+
+
+def test_scan_layers_and_remat_give_the_plain_loss_router_losses_and_gradients():
+  # The router statistics leave lax.scan and jax.checkpoint explicitly; a lost or doubled
+  # layer would change the router loss.
+  from llmjax.train import loop
+  from llmjax.train.losses import lm_objective
+  params = nnx.split(build_model(TINY, seed=0))[1]
+  batch = lm_batch()
+
+  def run(cfg):
+    graphdef = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))[0]
+    def f(p):
+      loss_sum, count, aux = loop._call_loss(lm_objective(), {"policy": nnx.merge(graphdef, p)},
+                                             batch)
+      return loss_sum / count, aux
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  (ref_loss, ref_aux), ref_grads = run(TINY)
+  for variant in ({"scan_layers": True, "remat": "full"}, {"remat": "dots"}):
+    (loss, aux), grads = run(dataclasses.replace(TINY, **variant))
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6), variant
+    for name in ("moe/load_balancing_loss", "moe/z_loss", "moe/load_e3"):
+      assert float(aux[name][0]) == pytest.approx(float(ref_aux[name][0]), rel=1e-5), name
+      assert float(aux[name][1]) == float(ref_aux[name][1]), name
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_frozen_roles_and_adapters_off_record_no_router_losses():
+  from llmjax.model import lora
+  from llmjax.train import roles
+  graphdef, state = nnx.split(build_model(SMALL))
+  tokens = lm_batch(vocab=SMALL.vocab_size)["tokens"]
+  recorded = []
+
+  def forward_passes(state):
+    model = nnx.merge(graphdef, state)
+    with router_losses.recording() as records:
+      model(tokens)
+      roles.Frozen(model)(tokens)
+      lora.WithoutAdapters(model)(tokens)
+      roles.Frozen(model).hidden_states(tokens)
+    recorded.append(len(records))
+  jax.eval_shape(forward_passes, state)  # recording happens while tracing
+  assert recorded == [1]
+
+
+def test_kv_cache_generation_equals_full_recomputation():
+  from llmjax.sample.sampler import Sampler
+  from llmjax.train.loop import init_params
+  # A wide init: decisive routing and logits, so float reassociation flips nothing.
+  graphdef, params = init_params(dataclasses.replace(TINY, init_std=0.2), seed=0)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(4, 512, size=n).tolist() for n in (5, 13, 9)]
+  out = Sampler(graphdef, params, eos_ids=[]).sample(prompts, max_new_tokens=8)
+  forward = jax.jit(lambda p, t: jax.nn.log_softmax(nnx.merge(graphdef, p)(t)[0], axis=-1))
+  for i, prompt in enumerate(prompts):
+    full = prompt + out.completion(i)
+    logp = forward(params, jnp.asarray([full + [0] * (32 - len(full))]))
+    # Greedy: each generated token is the recomputation's argmax, with its log-prob.
+    steps = [logp[len(prompt) - 1 + t] for t in range(len(out.completion(i)))]
+    assert out.completion(i) == [int(jnp.argmax(s)) for s in steps]
+    np.testing.assert_allclose(out.logprobs[i, 0], [float(s[tok]) for s, tok in
+                                                    zip(steps, out.completion(i))], atol=2e-5)
+
+
+@pytest.mark.parametrize("path", ["ragged", "blocks", "buffer"])
+def test_every_expert_path_computes_its_local_experts_kept_assignments(path):
+  # 4 experts, this device holding experts 2 and 3; some assignments dropped. The three ways
+  # to run experts (ragged_dot: GPU/TPU dropless; blocks: CPU dropless; the capacity buffer)
+  # against a per-assignment numpy loop, values and gradients.
+  rng = np.random.default_rng(0)
+  t, k, d, f = 37, 2, 8, 6
+  x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  experts = jnp.asarray(np.stack([rng.permutation(4)[:k] for _ in range(t)]), jnp.int32)
+  weights = jnp.asarray(rng.uniform(0.1, 1, (t, k)), jnp.float32)
+  keep = jnp.asarray(rng.uniform(size=(t, k)) > 0.2)
+  w = [jnp.asarray(rng.normal(size=s) / 3, jnp.float32) for s in ((2, d, f), (2, d, f),
+                                                                   (2, f, d))]
+  kwargs = {"slots": t} if path == "buffer" else {"grouped": path}
+
+  def ours(x, *w):
+    return moe.expert_ffn(x, experts, weights, keep, *w, first_expert=2, **kwargs)
+  ref = np.zeros((t, d))
+  for i in range(t):
+    for j in range(k):
+      e = int(experts[i, j]) - 2
+      if keep[i, j] and e >= 0:
+        ref[i] += float(weights[i, j]) * np_swiglu_ffn(np.asarray(x[i], np.float64),
+                                                       *(np.asarray(a[e], np.float64) for a in w))
+  np.testing.assert_allclose(jax.jit(ours)(x, *w), ref, rtol=1e-5, atol=1e-6)
+  cot = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=(0, 1, 2, 3)))(x, *w)
+
+  def dense(x, wg, wu, wd):  # every local expert on every token, gated by its kept weight
+    out = 0
+    for e in range(2):
+      gate = jnp.sum(jnp.where((experts == e + 2) & keep, weights, 0.0), axis=1)
+      out = out + gate[:, None] * ((jax.nn.silu(x @ wg[e]) * (x @ wu[e])) @ wd[e])
+    return jnp.sum(out * cot)
+  for g, r in zip(grads, jax.jit(jax.grad(dense, argnums=(0, 1, 2, 3)))(x, *w)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
