@@ -9,6 +9,7 @@ quarter of the logged steps.
 
   dense        `tiny` with d_ff 256 = top-2 x 128: the MoE's active MLP width
   moe          `tiny_moe` (8 experts of width 128, top-2), dropless, router aux coef 0.01
+               (--d_ff_expert narrows the experts, and the dense d_ff with them)
   moe_no_aux   the same with router_aux_loss_coef 0: how balanced routing stays untaught
   moe_capacity the same with moe_capacity_factor 1.25: the static-buffer path, step time
 
@@ -29,13 +30,14 @@ flags.DEFINE_integer("batch_size", 8, "rows per step")
 flags.DEFINE_integer("seq_len", 128, "tokens per row")
 flags.DEFINE_float("learning_rate", 3e-3, "peak learning rate")
 flags.DEFINE_list("variants", ["dense", "moe", "moe_no_aux", "moe_capacity"], "which to run")
+flags.DEFINE_integer("d_ff_expert", 128, "expert width (the dense model's d_ff is top-k times it)")
 flags.DEFINE_string("workdir", None, "where the runs go (default: a temporary directory)")
 FLAGS = flags.FLAGS
 
 
 def variants() -> dict:
   from llmjax.model.config import PRESETS
-  moe = PRESETS["tiny_moe"]
+  moe = dataclasses.replace(PRESETS["tiny_moe"], d_ff_expert=FLAGS.d_ff_expert)
   dense = dataclasses.replace(PRESETS["tiny"], d_ff=moe.n_experts_per_token * moe.d_ff_expert)
   return {"dense": dense, "moe": moe,
           "moe_no_aux": dataclasses.replace(moe, router_aux_loss_coef=0.0),
@@ -92,7 +94,8 @@ def main(_):
                 f"{fmt(r['max_load'], '.2f')} | {fmt(r['lb_loss'], '.3f')} | "
                 f"{fmt(r['dropped'], '.3f')} |")
     print(rows[-1], flush=True)
-  print(f"\n{FLAGS.steps} steps of {FLAGS.batch_size}x{FLAGS.seq_len} tokens\n")
+  print(f"\n{FLAGS.steps} steps of {FLAGS.batch_size}x{FLAGS.seq_len} tokens, experts of "
+        f"width {FLAGS.d_ff_expert}\n")
   print("| variant | params | active | eval loss | tokens/s | step | max/mean load | "
         "load-balancing loss | dropped |")
   print("|---|---|---|---|---|---|---|---|---|")

@@ -157,3 +157,7 @@ def test_sampler_on_a_sharded_model_matches_one_device():
   assert r["generated"] > 0 and r["tokens_equal"]
   assert r["logprob_max_diff"] < 1e-4
   assert r["sharded"] == "P('fsdp', 'tensor', None)"
+  # An MoE model under the step's activation sharding (RL rollouts): experts split 4 ways.
+  moe = r["moe"]
+  assert moe["generated"] > 0 and moe["tokens_equal"] and moe["logprob_max_diff"] < 1e-4
+  assert moe["experts"] == "P('expert', 'fsdp', None)"

@@ -294,6 +294,32 @@ def sample(args):
   return {"tokens_equal": bool((got.tokens == expected.tokens).all()),
           "logprob_max_diff": float(np.abs(got.logprobs - expected.logprobs).max()),
           "sharded": str(sharded["layers"][0]["attn"]["q_proj"].sharding.spec),
+          "generated": int(expected.lengths.sum()), "moe": moe_sample(prompts, kwargs)}
+
+
+def moe_sample(prompts, kwargs):
+  """An MoE model's greedy generation on an expert x fsdp mesh under the training step's
+  activation sharding (RL rollouts: the experts run under shard_map) vs one device."""
+  import dataclasses
+  import jax
+  from flax import nnx
+  from llmjax.model.config import ModelConfig
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.sample.sampler import Sampler
+
+  cfg = dataclasses.replace(ModelConfig(**MODEL), n_experts=8, d_ff_expert=32, init_std=0.2)
+  graphdef, params = nnx.split(build_model(cfg, seed=3))
+  single = Sampler(graphdef, jax.device_put(params, jax.devices()[0]), eos_ids=[3], pad_id=0)
+  expected = single.sample(prompts, **kwargs)
+  mesh, rules = mesh_of("1,2,1,4"), mesh_lib.RULE_SETS["fsdp_tensor"]
+  sharded = jax.jit(lambda p: p, out_shardings=mesh_lib.param_shardings(params, mesh, rules))(
+      params)
+  with mesh_lib.activation_sharding(mesh, rules):
+    got = Sampler(graphdef, sharded, eos_ids=[3], pad_id=0).sample(prompts, **kwargs)
+  return {"tokens_equal": bool((got.tokens == expected.tokens).all()),
+          "logprob_max_diff": float(np.abs(got.logprobs - expected.logprobs).max()),
+          "experts": str(sharded["layers"][0]["mlp"]["gate_proj"].sharding.spec),
           "generated": int(expected.lengths.sum())}
 
 
