@@ -49,12 +49,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
   6 * (matmul parameters) + 12 * layers * heads * head_dim * seq_len, the PaLM appendix-B
   accounting. The input embedding is a lookup, not a matmul; the output projection is one
-  even when tied.
+  even when tied. A mixture of experts counts the parameters a token computes with (its
+  top-k experts, the router, the shared expert: `num_active_params`), so MFU measures
+  useful work, not the experts a token skips.
   """
   # The output projection: the vocab matrix, or nothing more for a reward model (its score
   # head is one of num_params' non-embedding parameters).
   head = 0 if cfg.head == "score" else cfg.d_model * cfg.vocab_size
-  matmul_params = cfg.num_params(include_embeddings=False) + head
+  matmul_params = cfg.num_active_params(include_embeddings=False) + head
   attention = 12 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * seq_len
   return 6.0 * matmul_params + attention
 

@@ -46,15 +46,19 @@ def configure(gin_files: list[str], gin_bindings: list[str], workdir: str,
   """
   import jax
   from llmjax import stages
+  from llmjax.model import moe
   from llmjax.parallel import mesh as mesh_lib
   gin_flags.parse_gin(gin_files, gin_bindings)
   try:
     configured = stages.configure_stages()
     mesh_cfg = mesh_lib.MeshConfig()
     pipeline = mesh_cfg.pipeline()
-    for stage in configured if pipeline is not None else ():
-      if getattr(stage, "model", None) is not None:  # layers that do not split into stages
-        pipeline.check_model(stage.model.n_layers)
+    for stage in configured:
+      if getattr(stage, "model", None) is not None:
+        # experts that do not split over the mesh, layers that do not split into stages
+        moe.check_parallelism(stage.model, mesh_cfg.expert, mesh_cfg.stage)
+        if pipeline is not None:
+          pipeline.check_model(stage.model.n_layers)
     mesh_cfg.shape(jax.device_count())  # a mesh that cannot be built fails here
   except RuntimeError as e:  # gin raises RuntimeError for a missing gin.REQUIRED value
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):

@@ -1,4 +1,4 @@
-"""Model configuration and the named presets (Llama-2/3 and Qwen2 families)."""
+"""Model configuration and the named presets (Llama-2/3, Qwen2, Mixtral, Qwen2-MoE)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,27 @@ class ModelConfig:
   attention: str = "xla"  # xla | dot_product (cuDNN flash on GPU) | splash (Pallas, TPU)
   remat: str = "none"  # none | full | dots | dots_no_batch: what each block saves for backward
   scan_layers: bool = False  # lax.scan over the blocks: one block to compile, not n_layers
+  # Mixture of experts (llmjax/model/moe.py). n_experts 0: every block has the dense SwiGLU
+  # MLP of width d_ff. n_experts > 0: every block's MLP is n_experts SwiGLU experts of width
+  # d_ff_expert (None: d_ff), each token routed to its top n_experts_per_token by a softmax
+  # router (Mixtral, Qwen2-MoE); optionally plus a shared dense expert of width d_ff_shared
+  # that every token passes through, scaled by a sigmoid gate with shared_expert_gate
+  # (Qwen2-MoE). norm_topk_prob renormalises the top-k router weights to sum to 1 (Mixtral;
+  # Qwen1.5-MoE does not).
+  n_experts: int = 0
+  n_experts_per_token: int = 2
+  d_ff_expert: int | None = None
+  d_ff_shared: int = 0
+  shared_expert_gate: bool = False
+  norm_topk_prob: bool = True
+  # MoE numerics (not in the checkpoint's shape): 0 routes every token to all its experts
+  # (dropless); > 0 gives each expert ceil(factor * tokens * top_k / n_experts) slots per
+  # forward pass and drops the assignments that overflow them. The router losses are added
+  # to the training loss times these coefficients: Switch load balancing (Fedus et al. 2021,
+  # as transformers' load_balancing_loss_func) and ST-MoE's z-loss (Zoph et al. 2022).
+  moe_capacity_factor: float = 0.0
+  router_aux_loss_coef: float = 0.01
+  router_z_loss_coef: float = 0.0
 
   def __post_init__(self):
     problems = []
@@ -85,35 +106,81 @@ class ModelConfig:
                       "(the master weights) with dtype='float16' compute")
     elif self.param_dtype not in ("float32", "bfloat16"):
       problems.append(f"param_dtype must be 'float32' or 'bfloat16', got {self.param_dtype!r}")
+    problems += self._moe_problems()
     if problems:
       raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+
+  def _moe_problems(self) -> list[str]:
+    if self.n_experts < 0:
+      return [f"n_experts must be >= 0 (0: a dense MLP), got {self.n_experts}"]
+    if self.n_experts == 0:
+      moe_only = {"d_ff_expert": None, "d_ff_shared": 0, "shared_expert_gate": False,
+                  "moe_capacity_factor": 0.0}
+      set_ = [k for k, default in moe_only.items() if getattr(self, k) != default]
+      return [f"{', '.join(set_)} only apply to a mixture of experts: set n_experts > 0, or "
+              "leave them at their defaults"] if set_ else []
+    problems = []
+    if not 1 <= self.n_experts_per_token <= self.n_experts:
+      problems.append(f"n_experts_per_token (top-k) must be between 1 and n_experts "
+                      f"({self.n_experts}), got {self.n_experts_per_token}")
+    if self.d_ff_expert is not None and self.d_ff_expert <= 0:
+      problems.append(f"d_ff_expert must be positive (or None: d_ff), got {self.d_ff_expert}")
+    if self.d_ff_shared < 0:
+      problems.append(f"d_ff_shared must be >= 0 (0: no shared expert), got {self.d_ff_shared}")
+    if self.shared_expert_gate and self.d_ff_shared == 0:
+      problems.append("shared_expert_gate gates the shared expert, and d_ff_shared is 0 (there "
+                      "is none): set d_ff_shared > 0 or shared_expert_gate False")
+    for name in ("moe_capacity_factor", "router_aux_loss_coef", "router_z_loss_coef"):
+      if not getattr(self, name) >= 0:
+        problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+    return problems
+
+  @property
+  def resolved_d_ff_expert(self) -> int:
+    return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff
 
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim if self.head_dim is not None else self.d_model // max(self.n_heads, 1)
 
   def num_params(self, include_embeddings: bool = True) -> int:
-    """Exact parameter count of the model this config builds."""
-    hd = self.resolved_head_dim
-    attn = (self.d_model * hd * (self.n_heads + 2 * self.n_kv_heads)
-            + self.n_heads * hd * self.d_model)
+    """Exact parameter count of the model this config builds (every expert of an MoE)."""
+    return self._count_params(self.n_experts, include_embeddings)
+
+  def num_active_params(self, include_embeddings: bool = True) -> int:
+    """The parameters one token computes with: `num_params` counting only its top-k experts
+    in each MoE layer (the router and the shared expert, which every token uses, count
+    whole). Equals `num_params` for a dense model. The embeddings count whole, as the
+    published active counts of Mixtral and Qwen-MoE do."""
+    return self._count_params(self.n_experts_per_token if self.n_experts else 0,
+                              include_embeddings)
+
+  def _count_params(self, experts: int, include_embeddings: bool) -> int:
+    """The model's parameters, counting `experts` of each MoE layer's experts."""
+    d, hd = self.d_model, self.resolved_head_dim
+    attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
     if self.qkv_bias:
       attn += hd * (self.n_heads + 2 * self.n_kv_heads)
-    mlp = 3 * self.d_model * self.d_ff
-    per_layer = attn + mlp + 2 * self.d_model
-    total = self.n_layers * per_layer + self.d_model
+    if self.n_experts:
+      mlp = (experts * 3 * d * self.resolved_d_ff_expert + d * self.n_experts  # + router
+             + 3 * d * self.d_ff_shared + (d if self.shared_expert_gate else 0))
+    else:
+      mlp = 3 * d * self.d_ff
+    per_layer = attn + mlp + 2 * d
+    total = self.n_layers * per_layer + d
     if self.head == "score":
-      total += self.d_model  # score [d_model, 1]; the embedding is the only vocab matrix
+      total += d  # score [d_model, 1]; the embedding is the only vocab matrix
     if include_embeddings:
       untied_lm_head = self.head == "lm" and not self.tie_embeddings
-      total += self.vocab_size * self.d_model * (2 if untied_lm_head else 1)
+      total += self.vocab_size * d * (2 if untied_lm_head else 1)
     return total
 
   def shape_dict(self) -> dict[str, Any]:
     """The fields that must match between a checkpoint and the model restoring it."""
     d = dataclasses.asdict(self)
     for numerics_only in ("dtype", "init_std", "max_seq_len", "attention", "remat",
-                          "scan_layers"):
+                          "scan_layers", "moe_capacity_factor", "router_aux_loss_coef",
+                          "router_z_loss_coef"):
       d.pop(numerics_only)
     return d
 
@@ -170,6 +237,24 @@ PRESETS: dict[str, ModelConfig] = {
                                 n_kv_heads=2, d_ff=4864, head_dim=64, rope_theta=1_000_000.0,
                                 norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
                                 max_seq_len=32_768),
+    # CPU tests and the MoE bench: tiny's shape with 8 experts of width 128, top-2.
+    "tiny_moe": ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                            d_ff=384, d_ff_expert=128, n_experts=8, n_experts_per_token=2,
+                            rope_theta=10_000.0, max_seq_len=512),
+    # Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1 config.json): 46.7B parameters, 12.9B active.
+    "mixtral_8x7b": ModelConfig(vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32,
+                                n_kv_heads=8, d_ff=14_336, n_experts=8, n_experts_per_token=2,
+                                rope_theta=1_000_000.0, norm_eps=1e-5, max_seq_len=32_768,
+                                router_aux_loss_coef=0.02),
+    # Qwen1.5-MoE-A2.7B (Qwen/Qwen1.5-MoE-A2.7B config.json): 60 experts of width 1408, top-4
+    # without renormalisation, a gated shared expert of width 5632; 14.3B parameters, 2.7B
+    # active.
+    "qwen1_5_moe_a2_7b": ModelConfig(vocab_size=151_936, d_model=2048, n_layers=24, n_heads=16,
+                                     n_kv_heads=16, d_ff=5632, n_experts=60,
+                                     n_experts_per_token=4, d_ff_expert=1408, d_ff_shared=5632,
+                                     shared_expert_gate=True, norm_topk_prob=False,
+                                     rope_theta=1_000_000.0, norm_eps=1e-6, qkv_bias=True,
+                                     max_seq_len=8192, router_aux_loss_coef=0.001),
 }
 
 

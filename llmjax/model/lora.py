@@ -33,7 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.errors import ConfigError
 from llmjax.kernels import lora_matmul
-from llmjax.model import weights
+from llmjax.model import router_losses, weights
 from llmjax.model.matmul import CHECKPOINT_NAME, contracted_axes
 
 TARGET_MODULES = weights.ATTENTION + weights.MLP + ("lm_head",)
@@ -270,6 +270,12 @@ def add_lora(model: nnx.Module, cfg: LoraConfig) -> nnx.Module:
                       f"{model.config.head!r} (a reward model): it has no lm_head, and its "
                       "score projection never gets an adapter. Leave lm_head out of "
                       "target_modules")
+  mlp_targets = [t for t in cfg.target_modules if t in weights.MLP]
+  if model.config.n_experts and mlp_targets:
+    raise ConfigError(f"LoraConfig.target_modules names {mlp_targets}, but this model's MLPs "
+                      f"are mixtures of {model.config.n_experts} experts, whose stacked expert "
+                      "weights take no adapters: target the attention projections (q_proj, "
+                      "k_proj, v_proj, o_proj) and/or lm_head")
   key = jax.random.key(cfg.seed)
   dtype = jnp.dtype(model.config.param_dtype)
   for i, (owner, attr, _) in enumerate(
@@ -319,7 +325,7 @@ class WithoutAdapters:
   """A LoRA model seen with its adapters off: the reference model of a LoRA run.
 
   It shares the model's base weights (no second copy in memory); its outputs carry no
-  gradient.
+  gradient, and an MoE model's routing in it adds no router loss.
   """
 
   def __init__(self, model: nnx.Module):
@@ -327,7 +333,7 @@ class WithoutAdapters:
     self.config = model.config
 
   def _off(self, method, *args, **kwargs):
-    with adapters_disabled():
+    with adapters_disabled(), router_losses.not_recorded():
       return jax.tree.map(jax.lax.stop_gradient, method(*args, **kwargs))
 
   def __call__(self, *args, **kwargs):

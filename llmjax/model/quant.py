@@ -196,8 +196,14 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
   """Replaces `model`'s projection weights with `QuantizedWeight`s, in place; returns it.
 
   Works on a concrete model and under `nnx.eval_shape` (to build the abstract state a
-  quantized checkpoint restores into).
+  quantized checkpoint restores into). A mixture of experts is refused: its expert weights,
+  most of its parameters, have no quantized path.
   """
+  if model.config.n_experts:
+    raise ConfigError(f"quantizing a mixture-of-experts model (n_experts="
+                      f"{model.config.n_experts}) is not supported: its stacked expert "
+                      "weights have no quantized matmul. Keep it in float (bfloat16 "
+                      "parameters halve it), and use LoRA without quantize_base")
   for owner, attr, name in _quantizable(model, cfg):
     param = getattr(owner, attr)
     if isinstance(param, QuantizedWeight):

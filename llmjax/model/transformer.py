@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from llmjax.errors import ConfigError
-from llmjax.model import lora, quant
+from llmjax.model import lora, quant, router_losses
 from llmjax.model.attention import attend, cache_attention_mask, cached_attention, write_cache
 from llmjax.model.matmul import CHECKPOINT_NAME, weight_matmul
 from llmjax.model.config import ModelConfig, RopeScaling
@@ -181,13 +181,14 @@ swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), of width `d_ff` (default: the config's)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, d_ff: int | None = None, *, rngs: nnx.Rngs):
     pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-    self.gate_proj = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), std, pdt)
-    self.up_proj = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), std, pdt)
-    self.down_proj = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), std, pdt)
+    d_ff = d_ff or cfg.d_ff
+    self.gate_proj = _param(rngs, (cfg.d_model, d_ff), ("embed", "mlp"), std, pdt)
+    self.up_proj = _param(rngs, (cfg.d_model, d_ff), ("embed", "mlp"), std, pdt)
+    self.down_proj = _param(rngs, (d_ff, cfg.d_model), ("mlp", "embed"), std, pdt)
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -198,25 +199,37 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is a mixture
+  of experts (`llmjax.model.moe.MoE`) when `n_experts > 0`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
     self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
     self.attn = Attention(cfg, rngs=rngs)
     self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-    self.mlp = MLP(cfg, rngs=rngs)
+    if cfg.n_experts:
+      from llmjax.model.moe import MoE  # moe.py builds on this module's MLP
+      self.mlp = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids
+               ) -> tuple[jax.Array, router_losses.RouterStats | None]:
+    """(`[batch, seq, d_model]`, the MoE router's statistics, or None for a dense MLP)."""
     x = x + self.attn(self.input_norm(x), positions, segment_ids)
-    return x + self.mlp(self.post_attn_norm(x))
+    if isinstance(self.mlp, MLP):
+      return x + self.mlp(self.post_attn_norm(x)), None
+    out, stats = self.mlp(self.post_attn_norm(x), segment_ids)
+    return x + out, stats
 
   def decode(self, x, positions, k_cache, v_cache, index, mask):
-    """`Block.__call__` over a KV cache (see `Attention.decode`)."""
+    """`Block.__call__` over a KV cache (see `Attention.decode`); experts run dropless."""
     attn, k_cache, v_cache = self.attn.decode(self.input_norm(x), positions, k_cache, v_cache,
                                               index, mask)
     x = x + attn
-    return x + self.mlp(self.post_attn_norm(x)), k_cache, v_cache
+    h = self.post_attn_norm(x)
+    out = self.mlp(h) if isinstance(self.mlp, MLP) else self.mlp(h, dropless=True)[0]
+    return x + out, k_cache, v_cache
 
 
 # What a rematerialized block keeps from its forward pass; the rest is recomputed.
@@ -240,15 +253,20 @@ def _stack_blocks(layers) -> tuple[nnx.GraphDef, nnx.State]:
   return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(l)[1] for l in layers])
 
 
-def _scan_blocks(layers, run_block, x: jax.Array, positions, segment_ids) -> jax.Array:
-  """Runs identical blocks under `lax.scan`, so XLA compiles one block instead of n."""
+def _scan_blocks(layers, run_block, x: jax.Array, positions, segment_ids):
+  """Runs identical blocks under `lax.scan`, so XLA compiles one block instead of n.
+
+  Returns (x, the router statistics summed over the layers, or None): they leave the scan
+  as its per-layer outputs, the only way a value gets out of a scan body.
+  """
   graphdef, stacked = _stack_blocks(layers)
 
   def body(x, layer):
     index, state = layer
     with lora.fold_dropout_key(index):  # LoRA dropout masks differ between layers
-      return run_block(nnx.merge(graphdef, state), x, positions, segment_ids), None
-  return jax.lax.scan(body, x, (jnp.arange(len(layers)), stacked))[0]
+      return run_block(nnx.merge(graphdef, state), x, positions, segment_ids)
+  x, stats = jax.lax.scan(body, x, (jnp.arange(len(layers)), stacked))
+  return x, jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
 
 
 def _pipeline_blocks(layers, run_block, x: jax.Array, positions, segment_ids,
@@ -259,7 +277,7 @@ def _pipeline_blocks(layers, run_block, x: jax.Array, positions, segment_ids,
   def apply_layer(state, index, microbatch, x, positions, segment_ids):
     # LoRA dropout masks differ between layers and between pipeline microbatches.
     with lora.fold_dropout_key(microbatch), lora.fold_dropout_key(index):
-      return run_block(nnx.merge(graphdef, state), x, positions, segment_ids)
+      return run_block(nnx.merge(graphdef, state), x, positions, segment_ids)[0]
   mesh, rules = active_mesh()
   return pipeline_lib.run(stacked, apply_layer, x, positions, segment_ids, pipeline, mesh,
                           rules)
@@ -284,35 +302,48 @@ class Transformer(nnx.Module):
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
-    """Final-norm hidden states `[batch, seq, d_model]` in the compute dtype."""
+    """Final-norm hidden states `[batch, seq, d_model]` in the compute dtype.
+
+    An MoE model also `router_losses.record`s its router statistics (summed over the
+    layers), which the train loop turns into the router losses.
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     cfg = self.config
     x = constrain(self.embed[...].astype(cfg.dtype)[tokens], RESIDUAL_AXES)
 
-    def run_block(layer: Block, x: jax.Array, positions, segment_ids) -> jax.Array:
-      return constrain(layer(x, positions, segment_ids), RESIDUAL_AXES)
+    def run_block(layer: Block, x: jax.Array, positions, segment_ids):
+      x, stats = layer(x, positions, segment_ids)
+      return constrain(x, RESIDUAL_AXES), stats
     pipeline = active_pipeline()
+    stats = None
     if pipeline is not None or cfg.scan_layers:
       if cfg.remat != "none":
         run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
       if pipeline is not None:  # under a training step on a mesh with stage > 1
+        if cfg.n_experts:  # refused (the train loop refuses it before compiling)
+          from llmjax.model import moe
+          moe.check_parallelism(cfg, 1, pipeline.stages)
         x = _pipeline_blocks(self.layers, run_block, x, positions, segment_ids, pipeline)
       else:
-        x = _scan_blocks(self.layers, run_block, x, positions, segment_ids)
-    elif cfg.remat == "none":
-      for layer in self.layers:
-        x = run_block(layer, x, positions, segment_ids)
+        x, stats = _scan_blocks(self.layers, run_block, x, positions, segment_ids)
     else:
-      # Rematerialized through the block's state, not the module: when the block's variables
-      # come from different traces (adapters under grad, the frozen base outside it: a LoRA
-      # step), nnx.remat on the module fails with "Cannot mutate Param from a different trace
-      # level".
       for layer in self.layers:
-        graphdef, state = nnx.split(layer)
-        x = jax.checkpoint(
-            lambda s, x, g=graphdef: run_block(nnx.merge(g, s), x, positions, segment_ids),
-            policy=REMAT_POLICIES[cfg.remat])(state, x)
+        if cfg.remat == "none":
+          x, layer_stats = run_block(layer, x, positions, segment_ids)
+        else:
+          # Rematerialized through the block's state, not the module: when the block's
+          # variables come from different traces (adapters under grad, the frozen base
+          # outside it: a LoRA step), nnx.remat on the module fails with "Cannot mutate
+          # Param from a different trace level".
+          graphdef, state = nnx.split(layer)
+          x, layer_stats = jax.checkpoint(
+              lambda s, x, g=graphdef: run_block(nnx.merge(g, s), x, positions, segment_ids),
+              policy=REMAT_POLICIES[cfg.remat])(state, x)
+        stats = router_losses.add_stats(stats, layer_stats)
+    if stats is not None:
+      router_losses.record(stats, cfg.router_aux_loss_coef, cfg.router_z_loss_coef,
+                           cfg.n_experts_per_token)
     return self.final_norm(x)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array, cache):

@@ -39,13 +39,19 @@ LAYOUTS = {
 def projection_weights(model: nnx.Module, names: tuple[str, ...] | list[str]
                        ) -> Iterator[tuple[nnx.Module, str, str]]:
   """(owner module, attribute, dotted name) of each block weight in `names`, layer by layer,
-  then `lm_head` if named (whether or not the model ties it to the embedding)."""
+  then `lm_head` if named (whether or not the model ties it to the embedding).
+
+  A mixture of experts has no MLP projections: its expert weights are `[n_experts, ...]`
+  stacks (llmjax/model/moe.py), which LoRA and quantization refuse rather than treat as one
+  matrix.
+  """
+  dense_mlp = not model.config.n_experts
   for i, layer in enumerate(model.layers):
     for attr in ATTENTION:
       if attr in names:
         yield layer.attn, attr, f"layers.{i}.attn.{attr}"
     for attr in MLP:
-      if attr in names:
+      if attr in names and dense_mlp:
         yield layer.mlp, attr, f"layers.{i}.mlp.{attr}"
   if "lm_head" in names:
     yield model, "lm_head", "lm_head"

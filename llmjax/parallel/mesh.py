@@ -2,10 +2,12 @@
 
 The model names every parameter dimension (`embed`, `heads`, `mlp`, `vocab`, ...) and every
 activation at block boundaries (`batch`, `seq`, `embed`). A rule set maps those names to the
-mesh axes `data`, `fsdp` and `tensor`; data parallelism, FSDP and tensor parallelism are
-different rule sets over the same model code. The fourth axis, `stage`, is not in any rule:
-the decoder's layers are pipelined over it (`llmjax.parallel.pipeline`); everything outside
-the pipelined layers is replicated over it.
+mesh axes `data`, `fsdp`, `expert` and `tensor`; data parallelism, FSDP and tensor
+parallelism are different rule sets over the same model code. `expert` splits a mixture of
+experts' experts (the logical `expert` axis; llmjax/model/moe.py) and, like `data`, the batch
+rows, so everything but the experts is data parallel over it. The axis `stage` is not in any
+rule: the decoder's layers are pipelined over it (`llmjax.parallel.pipeline`); everything
+outside the pipelined layers is replicated over it.
 """
 
 from __future__ import annotations
@@ -26,21 +28,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from llmjax.errors import ConfigError
 from llmjax.parallel.pipeline import PipelineConfig
 
-MESH_AXES = ("stage", "data", "fsdp", "tensor")  # stage outermost: the least traffic
+# stage outermost (the least traffic), tensor innermost (the most); expert next to it, as
+# the experts' all-gather and reduce-scatter move every MoE layer's activations.
+MESH_AXES = ("stage", "data", "fsdp", "expert", "tensor")
 Rules = dict[str, Any]  # logical name -> mesh axis, tuple of mesh axes, or None
 
-# `batch` always spans data x fsdp: FSDP is data parallelism whose parameters are sharded too.
+# `batch` always spans data x fsdp x expert: FSDP is data parallelism whose parameters are
+# sharded too, and expert parallelism data parallelism whose experts are split.
+_BATCH = ("data", "fsdp", "expert")
 RULE_SETS: dict[str, Rules] = {
-    # Pure data parallelism: parameters replicated, batch split.
-    "data": {"batch": ("data", "fsdp")},
+    # Pure data parallelism: parameters replicated (experts split over `expert`), batch split.
+    "data": {"batch": _BATCH, "expert": "expert"},
     # ZeRO-3 style: parameters (and so optimizer state) sharded along `embed` over `fsdp`.
-    "fsdp": {"batch": ("data", "fsdp"), "embed": "fsdp"},
+    "fsdp": {"batch": _BATCH, "embed": "fsdp", "expert": "expert"},
     # Megatron style: heads, MLP hidden units and vocab split over `tensor`.
-    "tensor": {"batch": ("data", "fsdp"), "heads": "tensor", "kv_heads": "tensor",
-               "mlp": "tensor", "vocab": "tensor"},
+    "tensor": {"batch": _BATCH, "heads": "tensor", "kv_heads": "tensor",
+               "mlp": "tensor", "vocab": "tensor", "expert": "expert"},
     # Both: the default; on a mesh where an axis has size 1 it reduces to the others.
-    "fsdp_tensor": {"batch": ("data", "fsdp"), "embed": "fsdp", "heads": "tensor",
-                    "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
+    "fsdp_tensor": {"batch": _BATCH, "embed": "fsdp", "heads": "tensor",
+                    "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor",
+                    "expert": "expert"},
 }
 
 
@@ -52,7 +59,9 @@ class MeshConfig:
   `stage > 1` pipelines the decoder's layers over that many stages (n_layers must divide),
   each batch (each grad-accumulation microbatch) cut into `num_microbatches` pipeline
   microbatches (None: one per stage) and run by `pipeline_schedule` ('gpipe', or
-  'circular' with `circular_repeats` rounds over the stages).
+  'circular' with `circular_repeats` rounds over the stages). `expert > 1` splits a
+  mixture of experts' experts over that many devices (n_experts must divide), which split
+  the batch rows too.
   """
   data: int = -1
   fsdp: int = 1
@@ -62,13 +71,15 @@ class MeshConfig:
   num_microbatches: int | None = None
   pipeline_schedule: str = "gpipe"
   circular_repeats: int = 2  # 'circular' only
+  expert: int = 1
 
   def __post_init__(self):
     if self.rules not in RULE_SETS:
       raise ConfigError(f"MeshConfig.rules={self.rules!r} is unknown; choose one of "
                         f"{sorted(RULE_SETS)}")
-    if self.stage < 1:
-      raise ConfigError(f"MeshConfig.stage must be at least 1 (no pipelining), got {self.stage}")
+    for name in ("stage", "expert"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"MeshConfig.{name} must be at least 1, got {getattr(self, name)}")
     self.pipeline()  # a bad schedule, microbatch or repeat count fails here, before any compile
 
   def pipeline(self) -> PipelineConfig | None:
@@ -81,26 +92,28 @@ class MeshConfig:
                           schedule=self.pipeline_schedule,
                           repeats=self.circular_repeats if circular else 1)
 
-  def shape(self, num_devices: int) -> tuple[int, int, int, int]:
-    """(stage, data, fsdp, tensor) sizes."""
+  def shape(self, num_devices: int) -> tuple[int, int, int, int, int]:
+    """(stage, data, fsdp, expert, tensor) sizes, the order of MESH_AXES."""
     dims = [self.data, self.fsdp, self.tensor]
     if dims.count(-1) > 1:
       raise ConfigError(f"MeshConfig {dims}: at most one axis may be -1")
-    known = math.prod(d for d in dims if d != -1) * self.stage
-    where = f"MeshConfig (data, fsdp, tensor) = {tuple(dims)}" + (
-        f" with stage={self.stage}" if self.stage > 1 else "")
+    fixed = self.stage * self.expert
+    known = math.prod(d for d in dims if d != -1) * fixed
+    where = f"MeshConfig (data, fsdp, tensor) = {tuple(dims)}" + "".join(
+        f" with {name}={getattr(self, name)}" for name in ("stage", "expert")
+        if getattr(self, name) > 1)
     if any(d == 0 or d < -1 for d in dims) or num_devices % known:
       raise ConfigError(f"{where} does not fit {num_devices} devices")
-    dims = [num_devices // known if d == -1 else d for d in dims]
-    if math.prod(dims) * self.stage != num_devices:
-      raise ConfigError(f"{where} uses {math.prod(dims) * self.stage} devices but there are "
+    data, fsdp, tensor = [num_devices // known if d == -1 else d for d in dims]
+    if data * fsdp * tensor * fixed != num_devices:
+      raise ConfigError(f"{where} uses {data * fsdp * tensor * fixed} devices but there are "
                         f"{num_devices}; set one axis to -1")
-    return (self.stage, *dims)
+    return (self.stage, data, fsdp, self.expert, tensor)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The (stage, data, fsdp, tensor) mesh over `devices` (default: every device of every
-  process)."""
+  """The (stage, data, fsdp, expert, tensor) mesh over `devices` (default: every device of
+  every process)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = cfg.shape(len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

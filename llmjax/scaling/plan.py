@@ -46,9 +46,11 @@ class Plan:
 
 
 def nearest_preset(n: float, candidates: dict[str, ModelConfig] | None = None) -> str:
-  """The language-model preset whose parameter count is closest to `n` in log scale."""
+  """The dense language-model preset whose parameter count is closest to `n` in log scale
+  (the fitted laws are of dense models; an MoE's N is not theirs)."""
   candidates = candidates or PRESETS
-  return min((name for name, cfg in candidates.items() if cfg.head == "lm"),
+  return min((name for name, cfg in candidates.items()
+              if cfg.head == "lm" and not cfg.n_experts),
              key=lambda name: abs(math.log(candidates[name].num_params() / n)))
 
 

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from llmjax import checkpoint as ckpt_lib
 from llmjax import metrics as metrics_lib
 from llmjax.errors import CheckpointError, ConfigError, TrainingDivergedError
-from llmjax.model import lora
+from llmjax.model import lora, moe, router_losses
 from llmjax.model.config import ModelConfig, check_dtype_on_backend
 from llmjax.model.transformer import build_model
 from llmjax.parallel import mesh as mesh_lib
@@ -136,16 +136,33 @@ def _models(graphdefs, trainables, frozen) -> dict[str, Any]:
           else roles_lib.Frozen(nnx.merge(gd, frozen[name])) for name, gd in graphdefs.items()}
 
 
-def _call_loss(loss_fn: LossFn, models: dict[str, nnx.Module], batch) -> LossOutput:
+def _call_loss(loss_fn: LossFn, models: dict[str, nnx.Module], batch,
+               train: bool = True) -> LossOutput:
+  """`loss_fn` on the models, plus the router losses of the MoE forward passes it ran.
+
+  Every stage's loss goes through here, so a mixture-of-experts policy trains with its
+  load-balancing and z-losses whatever the stage: the trainable models' forward passes
+  record their router statistics (`router_losses`; frozen roles do not), and with `train`
+  `coef * router_loss * weight_sum` joins the loss sum, so that the loop's division by the
+  weight leaves the coefficient times the router loss on top of the mean task loss. The
+  router metrics join `aux` in training and evaluation alike; evaluation's loss stays the
+  task loss alone.
+  """
   others = {k: v for k, v in models.items() if k != roles_lib.POLICY}
-  out = loss_fn(models[roles_lib.POLICY], others, batch)
+  with router_losses.recording() as routed:
+    out = loss_fn(models[roles_lib.POLICY], others, batch)
   if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict)):
     raise TypeError("a loss function returns (loss_sum, weight_sum, aux) with aux a dict of "
                     f"name -> (sum, count); got {type(out).__name__}")
   for name, pair in out[2].items():
     if not (isinstance(pair, tuple) and len(pair) == 2):
       raise TypeError(f"aux metric {name!r} must be a (sum, count) pair of scalars")
-  return out
+  if not routed:
+    return out
+  loss_sum, weight, aux = out
+  if train:
+    loss_sum = loss_sum + router_losses.router_penalty(routed) * jax.lax.stop_gradient(weight)
+  return loss_sum, weight, {**aux, **router_losses.router_metrics(routed)}
 
 
 def _aux_means(aux: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
@@ -255,7 +272,7 @@ def make_train_step(graphdefs: Mapping[str, nnx.GraphDef], tx: optax.GradientTra
 def make_eval_step(graphdefs: Mapping[str, nnx.GraphDef], loss_fn: LossFn):
   """`eval_step(trainables, frozen, batch) -> (loss_sum, weight_sum, aux)`, no dropout."""
   def eval_step(trainables, frozen, batch):
-    return _call_loss(loss_fn, _models(graphdefs, trainables, frozen), batch)
+    return _call_loss(loss_fn, _models(graphdefs, trainables, frozen), batch, train=False)
   return eval_step
 
 
@@ -418,6 +435,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   for role in all_roles.values():  # before anything compiles
     if role.config is not None:
       check_dtype_on_backend(role.config)
+      moe.check_parallelism(role.config, dict(mesh.shape).get("expert", 1),
+                            pipeline.stages if pipeline is not None else 1)
       if pipeline is not None:
         pipeline.check_model(role.config.n_layers)
   if pipeline is not None:

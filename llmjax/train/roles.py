@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from llmjax.errors import ConfigError
-from llmjax.model import lora, quant
+from llmjax.model import lora, quant, router_losses
 from llmjax.model.config import ModelConfig
 from llmjax.model.transformer import build_model
 
@@ -54,8 +54,8 @@ class Role:
 
 class Frozen:
   """A frozen role's model as a loss function sees it: every method's outputs carry no
-  gradient, and LoRA dropout never runs in it (frozen by construction, whatever the loss
-  does with it)."""
+  gradient, LoRA dropout never runs in it, and an MoE model's routing adds no router loss
+  (frozen by construction, whatever the loss does with it)."""
 
   def __init__(self, model: nnx.Module):
     self._model = model
@@ -67,7 +67,7 @@ class Frozen:
 
     @functools.wraps(attr)
     def frozen_call(*args, **kwargs):
-      with lora.dropout_key(None):
+      with lora.dropout_key(None), router_losses.not_recorded():
         return jax.tree.map(jax.lax.stop_gradient, attr(*args, **kwargs))
     return frozen_call
 

@@ -96,7 +96,7 @@ def test_bad_pipeline_settings_are_refused_before_compiling():
     PipelineConfig(2, 4).check_batch(6)
   with pytest.raises(ConfigError, match="stage=2 does not fit 3 devices"):
     mesh_lib.MeshConfig(stage=2).shape(3)
-  assert mesh_lib.MeshConfig(stage=2, fsdp=2).shape(8) == (2, 2, 2, 1)
+  assert mesh_lib.MeshConfig(stage=2, fsdp=2).shape(8) == (2, 2, 2, 1, 1)  # + expert
   assert mesh_lib.MeshConfig(stage=2).pipeline() == PipelineConfig(2, 2)
   assert mesh_lib.MeshConfig().pipeline() is None
 

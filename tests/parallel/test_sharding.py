@@ -68,6 +68,29 @@ def test_loss_and_gradients_match_one_device(mesh_results, mesh):
   assert r["vocab_parallel_loss"] == (mesh in ("1,1,8", "2,2,2"))
 
 
+# Expert-parallel meshes (data, fsdp, tensor, expert): the experts split over `expert`, their
+# `embed` over fsdp and hidden units over tensor at rest; the batch over data x fsdp x expert.
+MOE_SPECS = {
+    "2,1,1,4": ("P('expert', None, None)", "P(('data', 'expert'),)"),
+    "1,2,2,2": ("P('expert', 'fsdp', 'tensor')", "P(('fsdp', 'expert'),)"),
+    "1,2,1,4": ("P('expert', 'fsdp', None)", "P(('fsdp', 'expert'),)"),
+}
+
+
+@pytest.mark.parametrize("case", ["dropless:2,1,1,4", "dropless:1,2,2,2", "capacity:1,2,1,4"])
+def test_expert_parallel_moe_matches_one_device(mesh_results, case):
+  r = mesh_results["moe"][case]
+  mesh = case.split(":")[1]
+  assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+  assert r["grad_max_abs_diff"] <= 1e-5 * r["grad_max_abs"] + 1e-7
+  assert r["router_grad_max_abs"] > 0
+  assert r["dropped"] == r["ref_dropped"] and (r["dropped"] > 0) == case.startswith("capacity")
+  gate_spec, batch_spec = MOE_SPECS[mesh]
+  assert r["gate_spec"] == gate_spec and r["batch_spec"] == batch_spec
+  assert r["local_experts"] == 8 // int(mesh.split(",")[3])  # each device holds its share
+  assert r["shard_map"]
+
+
 def test_microbatch_rows_replicated_over_data_are_counted_once():
   # grad_accum 4 on 8 rows: 2 rows per microbatch over 4 data devices, so each microbatch
   # is replicated over `data` while the vocab-parallel loss runs under shard_map.
@@ -134,3 +157,7 @@ def test_sampler_on_a_sharded_model_matches_one_device():
   assert r["generated"] > 0 and r["tokens_equal"]
   assert r["logprob_max_diff"] < 1e-4
   assert r["sharded"] == "P('fsdp', 'tensor', None)"
+  # An MoE model under the step's activation sharding (RL rollouts): experts split 4 ways.
+  moe = r["moe"]
+  assert moe["generated"] > 0 and moe["tokens_equal"] and moe["logprob_max_diff"] < 1e-4
+  assert moe["experts"] == "P('expert', 'fsdp', None)"

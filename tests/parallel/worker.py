@@ -37,9 +37,10 @@ def batches(n=STEPS + 1, rows=GLOBAL_BATCH):
 
 
 def mesh_of(text):
+  """'data,fsdp,tensor[,expert]' sizes."""
   from llmjax.parallel import mesh as mesh_lib
-  d, f, t = (int(x) for x in text.split(","))
-  return mesh_lib.make_mesh(mesh_lib.MeshConfig(data=d, fsdp=f, tensor=t))
+  d, f, t, *e = (int(x) for x in text.split(","))
+  return mesh_lib.make_mesh(mesh_lib.MeshConfig(data=d, fsdp=f, tensor=t, expert=(e or [1])[0]))
 
 
 def model_cfg():
@@ -93,7 +94,71 @@ def meshes(_):
             ("k_proj", layer["attn"]["k_proj"]), ("down_proj", layer["mlp"]["down_proj"]),
             ("norm", layer["input_norm"]["weight"])]},
         "batch_spec": str(b_shard.spec)}
+  results["moe"] = moe_meshes()
   return results
+
+
+def moe_meshes():
+  """A mixture of experts (8 experts, top-2, z-loss on) on expert-parallel meshes vs one
+  device: the loss with its router losses, and the gradients, through the loop's
+  `_call_loss`; dropless and with a capacity factor that drops assignments."""
+  import dataclasses
+  import jax
+  from flax import nnx
+  from llmjax.model.config import ModelConfig
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.train import loop
+  from llmjax.train.losses import lm_objective
+
+  dropless = ModelConfig(**MODEL, n_experts=8, n_experts_per_token=2, d_ff_expert=32,
+                         router_z_loss_coef=1e-3)
+  batch = batches(1)[0]
+  out = {}
+  for name, cfg in (("dropless", dropless),
+                    ("capacity", dataclasses.replace(dropless, moe_capacity_factor=1.0))):
+    graphdef, params = nnx.split(build_model(cfg, seed=0))
+
+    def loss_and_grads(p, b):
+      def f(q):
+        loss_sum, count, aux = loop._call_loss(lm_objective(),
+                                               {"policy": nnx.merge(graphdef, q)}, b)
+        return loss_sum / count, aux
+      return jax.value_and_grad(f, has_aux=True)(p)
+    one = jax.devices()[0]
+    (ref_loss, ref_aux), ref_grads = jax.jit(loss_and_grads)(jax.device_put(params, one),
+                                                             jax.device_put(batch, one))
+    meshes = ("2,1,1,4", "1,2,2,2") if name == "dropless" else ("1,2,1,4",)
+    for shape in meshes:
+      mesh = mesh_of(shape)
+      rules = mesh_lib.RULE_SETS["fsdp_tensor"]
+      p_shard = mesh_lib.param_shardings(params, mesh, rules)
+      b_shard = mesh_lib.batch_sharding(mesh, rules)
+
+      def fn(p, b):
+        with mesh_lib.activation_sharding(mesh, rules):
+          return loss_and_grads(p, b)
+      sharded = jax.jit(lambda p: p, out_shardings=p_shard)(params)
+      (loss, aux), grads = jax.jit(fn, in_shardings=(p_shard, b_shard))(
+          sharded, mesh_lib.host_batch_to_global(batch, b_shard))
+      layer = sharded["layers"][0]["mlp"]
+      out[f"{name}:{shape}"] = {
+          "loss": float(loss), "ref_loss": float(ref_loss),
+          "dropped": float(aux["moe/dropped_fraction"][0]),
+          "ref_dropped": float(ref_aux["moe/dropped_fraction"][0]),
+          "grad_max_abs_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                                   for a, b in zip(jax.tree.leaves(grads),
+                                                   jax.tree.leaves(ref_grads))),
+          "grad_max_abs": max(float(np.abs(np.asarray(g)).max())
+                              for g in jax.tree.leaves(ref_grads)),
+          "router_grad_max_abs": float(np.abs(np.asarray(
+              ref_grads["layers"][0]["mlp"]["router"][...])).max()),
+          "gate_spec": str(layer["gate_proj"].sharding.spec),
+          "down_spec": str(layer["down_proj"].sharding.spec),
+          "local_experts": layer["gate_proj"].addressable_shards[0].data.shape[0],
+          "shard_map": "shard_map" in str(jax.make_jaxpr(fn)(sharded, batch)),
+          "batch_spec": str(b_shard.spec)}
+  return out
 
 
 def accum(args):
@@ -229,6 +294,32 @@ def sample(args):
   return {"tokens_equal": bool((got.tokens == expected.tokens).all()),
           "logprob_max_diff": float(np.abs(got.logprobs - expected.logprobs).max()),
           "sharded": str(sharded["layers"][0]["attn"]["q_proj"].sharding.spec),
+          "generated": int(expected.lengths.sum()), "moe": moe_sample(prompts, kwargs)}
+
+
+def moe_sample(prompts, kwargs):
+  """An MoE model's greedy generation on an expert x fsdp mesh under the training step's
+  activation sharding (RL rollouts: the experts run under shard_map) vs one device."""
+  import dataclasses
+  import jax
+  from flax import nnx
+  from llmjax.model.config import ModelConfig
+  from llmjax.model.transformer import build_model
+  from llmjax.parallel import mesh as mesh_lib
+  from llmjax.sample.sampler import Sampler
+
+  cfg = dataclasses.replace(ModelConfig(**MODEL), n_experts=8, d_ff_expert=32, init_std=0.2)
+  graphdef, params = nnx.split(build_model(cfg, seed=3))
+  single = Sampler(graphdef, jax.device_put(params, jax.devices()[0]), eos_ids=[3], pad_id=0)
+  expected = single.sample(prompts, **kwargs)
+  mesh, rules = mesh_of("1,2,1,4"), mesh_lib.RULE_SETS["fsdp_tensor"]
+  sharded = jax.jit(lambda p: p, out_shardings=mesh_lib.param_shardings(params, mesh, rules))(
+      params)
+  with mesh_lib.activation_sharding(mesh, rules):
+    got = Sampler(graphdef, sharded, eos_ids=[3], pad_id=0).sample(prompts, **kwargs)
+  return {"tokens_equal": bool((got.tokens == expected.tokens).all()),
+          "logprob_max_diff": float(np.abs(got.logprobs - expected.logprobs).max()),
+          "experts": str(sharded["layers"][0]["mlp"]["gate_proj"].sharding.spec),
           "generated": int(expected.lengths.sum())}
 
 

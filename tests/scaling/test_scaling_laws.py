@@ -81,7 +81,8 @@ def test_plan_picks_the_nearest_preset_and_spends_the_budget(flops, preset):
   assert plan.preset == preset
   n_opt = laws.optimal_allocation(flops)[0]
   distance = abs(math.log(PRESETS[preset].num_params() / n_opt))
-  assert all(distance <= abs(math.log(cfg.num_params() / n_opt)) for cfg in PRESETS.values())
+  assert all(distance <= abs(math.log(cfg.num_params() / n_opt)) for cfg in PRESETS.values()
+             if not cfg.n_experts)  # dense presets: the laws are fitted on dense models
   tokens_per_step = plan.batch_size * plan.seq_len
   spent = plan.steps * tokens_per_step * metrics.flops_per_token(PRESETS[preset], plan.seq_len)
   step_flops = spent / plan.steps
