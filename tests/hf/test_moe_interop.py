@@ -267,3 +267,14 @@ def test_refuses_fused_expert_layout(hf_model, tmp_path):
             os.path.join(folder, "model.safetensors"))
   with pytest.raises(CheckpointError, match="fused in-memory expert layout.*save_pretrained"):
     import_.import_hf(folder, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("preset,arch", [("mixtral_8x7b", convert.MIXTRAL),
+                                         ("qwen1_5_moe_a2_7b", convert.QWEN2_MOE)])
+def test_presets_map_to_their_architecture(preset, arch):
+  from llmjax.model.config import PRESETS
+  cfg = dataclasses.replace(PRESETS[preset], head_dim=PRESETS[preset].resolved_head_dim)
+  hf = convert.config_to_hf(cfg)
+  assert hf["architectures"] == [arch]
+  assert convert.config_from_hf(hf).shape_dict() == cfg.shape_dict()
+  assert convert.config_from_hf(hf).router_aux_loss_coef == cfg.router_aux_loss_coef
