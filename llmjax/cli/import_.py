@@ -1,4 +1,5 @@
-"""`llmjax-import`: turn a Hugging Face Llama/Qwen2 folder into an llmjax workdir.
+"""`llmjax-import`: turn a Hugging Face Llama/Qwen2/Mixtral/Qwen2-MoE folder into an llmjax
+workdir.
 
   llmjax-import --hf=~/models/Qwen2.5-0.5B --output=runs/qwen [--dtype=bfloat16]
   llmjax-import --hf=~/models/Qwen2.5-0.5B --peft=~/adapters/qwen-sft --output=runs/qwen-sft

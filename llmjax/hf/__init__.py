@@ -1,5 +1,5 @@
-"""Hugging Face interop: import Llama/Qwen2 safetensors folders, export runs as HF folders,
-and move LoRA adapters to and from PEFT.
+"""Hugging Face interop: import Llama/Qwen2/Mixtral/Qwen2-MoE safetensors folders, export runs
+as HF folders, and move LoRA adapters to and from PEFT.
 
   convert      pure name/layout/config mapping (no I/O)
   export       `export_run` (a LoRA run merged, or its adapters alone), `export_params`,

@@ -1,4 +1,5 @@
-"""Pure mapping between llmjax parameters/configs and Hugging Face Llama/Qwen2 checkpoints.
+"""Pure mapping between llmjax parameters/configs and Hugging Face Llama/Qwen2 checkpoints,
+and the mixtures of experts Mixtral and Qwen2-MoE.
 
 Nothing here touches files or imports transformers. Export is an iterator of
 `(hf_name, numpy array)` pairs that a writer consumes one at a time, so a model is never held
@@ -8,6 +9,12 @@ merged on the fly) exports through the same code by passing its own `fetch`.
 Our layout keeps heads as separate axes (`q_proj [d_model, n_heads, head_dim]`) and stores
 linear weights `[in, out]`; HF stores `nn.Linear` weights `[out, in]` with heads flattened.
 RoPE uses HF's rotate_half convention in both, so no permutation of q/k rows is needed.
+
+Experts: we stack them (`gate_proj [E, d_model, f]`); checkpoints hold one Linear per expert
+(Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen2-MoE `mlp.experts.{e}.gate_proj/...`),
+so each of our expert parameters is E TensorSpecs, one per slice. transformers 5 computes with
+fused `experts.gate_up_proj [E, 2f, d]` modules, but its save_pretrained converts back to this
+per-expert layout, which every other tool reads too: only that layout is written and read.
 """
 
 from __future__ import annotations
@@ -24,9 +31,19 @@ LLAMA, QWEN2 = "LlamaForCausalLM", "Qwen2ForCausalLM"
 # Reward models (head 'score', num_labels=1): the same transformer under `model.`, plus
 # `score.weight [num_labels, d_model]` in place of lm_head.
 LLAMA_REWARD, QWEN2_REWARD = "LlamaForSequenceClassification", "Qwen2ForSequenceClassification"
-SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, LLAMA_REWARD, QWEN2_REWARD)
-_MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2", LLAMA_REWARD: "llama", QWEN2_REWARD: "qwen2"}
-_HEADS = {LLAMA: "lm", QWEN2: "lm", LLAMA_REWARD: "score", QWEN2_REWARD: "score"}
+# Mixtures of experts: Mixtral (top-k renormalised, no shared expert) and Qwen2-MoE
+# (Qwen1.5-MoE, Qwen2-57B-A14B: a sigmoid-gated shared expert, norm_topk_prob, QKV bias).
+MIXTRAL, QWEN2_MOE = "MixtralForCausalLM", "Qwen2MoeForCausalLM"
+SUPPORTED_ARCHITECTURES = (LLAMA, QWEN2, LLAMA_REWARD, QWEN2_REWARD, MIXTRAL, QWEN2_MOE)
+_MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2", LLAMA_REWARD: "llama", QWEN2_REWARD: "qwen2",
+                MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe"}
+_HEADS = {LLAMA: "lm", QWEN2: "lm", LLAMA_REWARD: "score", QWEN2_REWARD: "score",
+          MIXTRAL: "lm", QWEN2_MOE: "lm"}
+# Each MoE block's HF module and the names of an expert's (gate, up, down) Linears.
+_EXPERT_NAMES = {MIXTRAL: ("block_sparse_moe", "w1", "w3", "w2"),
+                 QWEN2_MOE: ("mlp", "gate_proj", "up_proj", "down_proj")}
+# transformers' defaults for config.json fields that Hub configs may omit.
+_HF_ROUTER_AUX_LOSS_COEF = 0.001
 # Tensors HF checkpoints may carry that hold nothing we need (old Llama saves the RoPE table).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -40,18 +57,54 @@ class TensorSpec:
   `kind` names the layout change: 'same' (embedding, norms), 'linear' ([in, out] <-> [out, in]),
   'in_heads' (q/k/v `[d, heads, head_dim]` <-> `[heads*head_dim, d]`), 'out_heads' (o_proj
   `[heads, head_dim, d]` <-> `[d, heads*head_dim]`), 'bias' (`[heads, head_dim]` <-> flat).
+  `expert` e: the HF tensor is slice `[e]` of our stacked expert parameter at `path`, and
+  `shape` is that slice's.
   """
   hf_name: str
   path: Path
   kind: str
   shape: tuple[int, ...]  # ours
   hf_shape: tuple[int, ...]
+  expert: int | None = None
+
+
+def _linear(hf_name: str, path: Path, d_in: int, d_out: int,
+            expert: int | None = None) -> TensorSpec:
+  return TensorSpec(hf_name, path, "linear", (d_in, d_out), (d_out, d_in), expert)
+
+
+def _dense_mlp_specs(pre: str, path: Path, d: int, f: int) -> list[TensorSpec]:
+  """A SwiGLU MLP `pre{gate,up,down}_proj.weight` of width f."""
+  return [_linear(pre + "gate_proj.weight", path + ("gate_proj",), d, f),
+          _linear(pre + "up_proj.weight", path + ("up_proj",), d, f),
+          _linear(pre + "down_proj.weight", path + ("down_proj",), f, d)]
+
+
+def _mlp_specs(cfg: ModelConfig, layer: int, path: Path) -> list[TensorSpec]:
+  """Layer `layer`'s MLP: dense, or router + experts (+ the gated shared expert). Experts
+  are grouped by our parameter, so an exporter fetches each stacked parameter once."""
+  d, pre = cfg.d_model, f"model.layers.{layer}."
+  if not cfg.n_experts:
+    return _dense_mlp_specs(pre + "mlp.", path, d, cfg.d_ff)
+  block, *theirs = _EXPERT_NAMES[architecture_for(cfg)]
+  f, n = cfg.resolved_d_ff_expert, cfg.n_experts
+  specs = [_linear(f"{pre}{block}.gate.weight", path + ("router",), d, n)]
+  for ours, their, (d_in, d_out) in zip(("gate_proj", "up_proj", "down_proj"), theirs,
+                                        ((d, f), (d, f), (f, d))):
+    specs += [_linear(f"{pre}{block}.experts.{e}.{their}.weight", path + (ours,), d_in, d_out, e)
+              for e in range(n)]
+  if cfg.d_ff_shared:  # Qwen2-MoE: architecture_for guarantees the gate
+    specs += _dense_mlp_specs(pre + "mlp.shared_expert.", path + ("shared",), d,
+                              cfg.d_ff_shared)
+    specs.append(_linear(pre + "mlp.shared_expert_gate.weight", path + ("shared_gate",), d, 1))
+  return specs
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-  """Every parameter of `cfg`'s model, in HF checkpoint order."""
-  d, n, kv, h, f, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
-                       cfg.d_ff, cfg.vocab_size)
+  """Every parameter of `cfg`'s model, in HF checkpoint order (an MoE layer's experts grouped
+  by our parameter: all gate_proj slices, then up_proj, then down_proj)."""
+  d, n, kv, h, v = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+                    cfg.vocab_size)
   specs = [TensorSpec("model.embed_tokens.weight", ("embed",), "same", (v, d), (v, d))]
   for i in range(cfg.n_layers):
     pre, p = f"model.layers.{i}.", ("layers", i)
@@ -79,12 +132,8 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
                    (n, h, d), (d, n * h)),
         TensorSpec(pre + "post_attention_layernorm.weight", p + ("post_attn_norm", "weight"),
                    "same", (d,), (d,)),
-        TensorSpec(pre + "mlp.gate_proj.weight", p + ("mlp", "gate_proj"), "linear", (d, f),
-                   (f, d)),
-        TensorSpec(pre + "mlp.up_proj.weight", p + ("mlp", "up_proj"), "linear", (d, f), (f, d)),
-        TensorSpec(pre + "mlp.down_proj.weight", p + ("mlp", "down_proj"), "linear", (f, d),
-                   (d, f)),
     ]
+    specs += _mlp_specs(cfg, i, p + ("mlp",))
   specs.append(TensorSpec("model.norm.weight", ("final_norm", "weight"), "same", (d,), (d,)))
   if cfg.head == "score":
     specs.append(TensorSpec("score.weight", ("score",), "linear", (d, 1), (1, d)))
@@ -141,13 +190,17 @@ def iter_hf_tensors(params: Any, cfg: ModelConfig,
   `fetch` turns a leaf into a host numpy array (e.g. a device_get that also gathers sharded
   arrays); `dtype` casts each tensor after the layout change. A LoRA export can pass a
   `fetch` that merges adapters into the base weight, or wrap this iterator to rename tensors.
+  A stacked expert parameter is fetched once and yielded as its E per-expert tensors.
   """
+  path, value = None, None
   for spec in tensor_specs(cfg):
-    x = fetch(get_path(params, spec.path))
-    if tuple(x.shape) != spec.shape:
-      raise CheckpointError(f"parameter {'/'.join(map(str, spec.path))} has shape "
-                            f"{list(x.shape)}, expected {list(spec.shape)} for this config")
-    x = to_hf(spec, x)
+    if spec.path != path:
+      path, value = spec.path, fetch(get_path(params, spec.path))
+      want = spec.shape if spec.expert is None else (cfg.n_experts, *spec.shape)
+      if tuple(value.shape) != want:
+        raise CheckpointError(f"parameter {'/'.join(map(str, spec.path))} has shape "
+                              f"{list(value.shape)}, expected {list(want)} for this config")
+    x = to_hf(spec, value if spec.expert is None else value[spec.expert])
     yield spec.hf_name, (x.astype(dtype) if dtype is not None else x)
 
 
@@ -207,7 +260,7 @@ def _check_supported(hf: dict[str, Any], arch: str) -> None:
   if model_type == "llama" and hf.get("attention_bias"):
     raise ConfigError(f"config.json attention_bias=true is not supported for {arch} "
                       "(it adds an o_proj bias llmjax does not have)")
-  if model_type == "qwen2":
+  if model_type in ("qwen2", "qwen2_moe"):
     layer_types = hf.get("layer_types") or []
     sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
     if not layer_types and hf.get("use_sliding_window"):
@@ -215,11 +268,72 @@ def _check_supported(hf: dict[str, Any], arch: str) -> None:
     if sliding:
       raise ConfigError(f"config.json use_sliding_window/layer_types enables sliding-window "
                         f"attention on layers {sliding}: not supported, only full attention")
+  if model_type == "mixtral":
+    _check_mixtral(hf)
+  if model_type == "qwen2_moe":
+    _check_qwen2_moe(hf)
+
+
+def _check_mixtral(hf: dict[str, Any]) -> None:
+  # transformers attends within sliding_window whenever it is set (Mixtral has no
+  # use_sliding_window switch); a window as long as the context is full attention.
+  window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+  if window is not None and window < context:
+    raise ConfigError(f"config.json sliding_window={window} limits attention to the last "
+                      f"{window} tokens (of max_position_embeddings={context}): not supported, "
+                      "only full attention (sliding_window null)")
+  # Training-only in transformers (the MoE input times uniform noise in [1-j, 1+j] under
+  # model.train()), but part of how the config says to fine-tune: llmjax would silently
+  # train without it, so it is refused rather than dropped.
+  jitter = hf.get("router_jitter_noise") or 0.0
+  if jitter > 0:
+    raise ConfigError(f"config.json router_jitter_noise={jitter} is not supported: llmjax's "
+                      "router has no jitter (transformers scales the MoE input by uniform noise "
+                      f"in [1-{jitter}, 1+{jitter}] when training; inference is unaffected). "
+                      "Set router_jitter_noise to 0.0 in config.json to import it, accepting "
+                      "that fine-tuning in llmjax runs without jitter")
+
+
+def _check_qwen2_moe(hf: dict[str, Any]) -> None:
+  step = hf.get("decoder_sparse_step", 1)
+  if step != 1:
+    raise ConfigError(f"config.json decoder_sparse_step={step} makes only every {step}th layer "
+                      "a mixture of experts and the others dense MLPs: not supported, every "
+                      "llmjax layer is the same (decoder_sparse_step 1)")
+  dense_layers = hf.get("mlp_only_layers") or []
+  if dense_layers:
+    raise ConfigError(f"config.json mlp_only_layers={dense_layers} gives those layers dense "
+                      "MLPs between the mixture-of-experts layers: not supported, every llmjax "
+                      "layer is the same (mlp_only_layers [])")
+  shared = hf.get("shared_expert_intermediate_size")
+  if shared is not None and shared <= 0:
+    raise ConfigError(f"config.json shared_expert_intermediate_size={shared}: llmjax imports "
+                      "Qwen2-MoE with its gated shared expert, which needs a positive width")
+
+
+def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+  """The ModelConfig fields of an MoE architecture (none for a dense one)."""
+  if arch == MIXTRAL:
+    return dict(n_experts=_field(hf, "num_local_experts", int),
+                n_experts_per_token=_field(hf, "num_experts_per_tok", int), norm_topk_prob=True,
+                router_aux_loss_coef=_field(hf, "router_aux_loss_coef", float,
+                                                     _HF_ROUTER_AUX_LOSS_COEF))
+  if arch == QWEN2_MOE:
+    return dict(n_experts=_field(hf, "num_experts", int),
+                n_experts_per_token=_field(hf, "num_experts_per_tok", int),
+                d_ff_expert=_field(hf, "moe_intermediate_size", int),
+                d_ff_shared=_field(hf, "shared_expert_intermediate_size", int),
+                shared_expert_gate=True,
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                router_aux_loss_coef=_field(hf, "router_aux_loss_coef", float,
+                                                     _HF_ROUTER_AUX_LOSS_COEF))
+  return {}
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
-  """ModelConfig of a `LlamaForCausalLM` or `Qwen2ForCausalLM` config.json dict, or of their
-  `*ForSequenceClassification` with num_labels=1 (head 'score')."""
+  """ModelConfig of a `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MixtralForCausalLM` or
+  `Qwen2MoeForCausalLM` config.json dict, or of Llama/Qwen2 `*ForSequenceClassification` with
+  num_labels=1 (head 'score'). `output_router_logits` (an output option) is ignored."""
   archs = hf.get("architectures") or []
   arch = archs[0] if len(archs) == 1 else None
   if arch not in SUPPORTED_ARCHITECTURES:
@@ -234,6 +348,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
       raise ConfigError(f"config.json is a {arch} with num_labels={labels}; only num_labels=1 "
                         "(a reward model: one scalar score per sequence) is supported")
   theta, scaling = _rope_from_hf(hf)
+  model_type = _MODEL_TYPES[arch]
   n_heads = _field(hf, "num_attention_heads", int)
   d_model = _field(hf, "hidden_size", int)
   return ModelConfig(
@@ -243,10 +358,12 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
       d_ff=_field(hf, "intermediate_size", int),
       head_dim=_field(hf, "head_dim", int, d_model // max(n_heads, 1)),
       rope_theta=theta, rope_scaling=scaling, norm_eps=_field(hf, "rms_norm_eps", float, 1e-6),
-      qkv_bias=_MODEL_TYPES[arch] == "qwen2",
+      # Qwen2-MoE's qkv_bias key is new in transformers 5; older configs always had the bias.
+      qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and
+                                         bool(hf.get("qkv_bias", True))),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head=head,
       max_seq_len=_field(hf, "max_position_embeddings", int, 2048), dtype=dtype,
-      param_dtype=dtype)
+      param_dtype=dtype, **_moe_fields(hf, arch))
 
 
 _REQUIRED = object()
@@ -271,10 +388,33 @@ def _field(hf: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -
 
 def architecture_for(cfg: ModelConfig) -> str:
   """Qwen2 for QKV bias (Llama's attention_bias would also add an o_proj bias), else Llama;
-  *ForSequenceClassification for a reward model (head 'score'), else *ForCausalLM."""
+  *ForSequenceClassification for a reward model (head 'score'), else *ForCausalLM. A mixture
+  of experts is Qwen2-MoE with a gated shared expert, Mixtral without one; ConfigError for
+  MoE shapes neither has."""
+  if cfg.n_experts:
+    return _moe_architecture(cfg)
   if cfg.head == "score":
     return QWEN2_REWARD if cfg.qkv_bias else LLAMA_REWARD
   return QWEN2 if cfg.qkv_bias else LLAMA
+
+
+def _moe_architecture(cfg: ModelConfig) -> str:
+  if cfg.head != "lm":
+    raise ConfigError(f"a mixture-of-experts model with head {cfg.head!r} has no Hugging Face "
+                      "architecture llmjax exports: MoE exports are causal LMs (head 'lm')")
+  if cfg.d_ff_shared:
+    if not cfg.shared_expert_gate:
+      raise ConfigError(f"this MoE has a shared expert (d_ff_shared={cfg.d_ff_shared}) without "
+                        "shared_expert_gate: Qwen2-MoE, the HF architecture with a shared "
+                        "expert, always gates it; no HF architecture matches")
+    return QWEN2_MOE
+  problems = [p for p, bad in (("qkv_bias=True", cfg.qkv_bias),
+                               ("norm_topk_prob=False", not cfg.norm_topk_prob)) if bad]
+  if problems:
+    raise ConfigError(f"this MoE has no shared expert and {' and '.join(problems)}: Mixtral, "
+                      "the HF architecture without a shared expert, has no QKV bias and "
+                      "renormalises the top-k weights; no HF architecture matches")
+  return MIXTRAL
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = None,
@@ -311,9 +451,22 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32", bos_id: int | None = 
   if cfg.head == "score":
     hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
               pad_token_id=pad_id if pad_id is not None else eos_id)
-  if _MODEL_TYPES[arch] == "llama":
+  model_type = _MODEL_TYPES[arch]
+  if model_type == "llama":
     hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  elif model_type == "mixtral":
+    hf.update(intermediate_size=cfg.resolved_d_ff_expert, num_local_experts=cfg.n_experts,
+              num_experts_per_tok=cfg.n_experts_per_token, sliding_window=None,
+              router_jitter_noise=0.0, router_aux_loss_coef=cfg.router_aux_loss_coef,
+              output_router_logits=False)
   else:
     hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
               layer_types=["full_attention"] * cfg.n_layers)
+  if model_type == "qwen2_moe":
+    hf.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_token,
+              moe_intermediate_size=cfg.resolved_d_ff_expert,
+              shared_expert_intermediate_size=cfg.d_ff_shared,
+              norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+              qkv_bias=cfg.qkv_bias, router_aux_loss_coef=cfg.router_aux_loss_coef,
+              output_router_logits=False)
   return hf

@@ -8,7 +8,9 @@
 A LoRA/QLoRA run exports merged (`W + s * A B`; a QLoRA base is dequantized from NF4/int4
 first), which is exactly the model the run trained; `llmjax.hf.adapters` writes the adapters
 alone as a PEFT folder instead. A reward model (head 'score') exports as
-LlamaForSequenceClassification / Qwen2ForSequenceClassification with num_labels=1.
+LlamaForSequenceClassification / Qwen2ForSequenceClassification with num_labels=1. A mixture
+of experts exports as MixtralForCausalLM or Qwen2MoeForCausalLM (`convert.architecture_for`),
+one tensor per expert as on the Hub.
 
 Everything is written into a temporary folder beside the output and renamed into place once
 complete, so a failed or killed export never leaves a folder that looks usable (what a killed

@@ -1,4 +1,4 @@
-"""Reads a Hugging Face Llama/Qwen2 folder into an llmjax workdir.
+"""Reads a Hugging Face Llama/Qwen2/Mixtral/Qwen2-MoE folder into an llmjax workdir.
 
 The output is a workdir holding one checkpoint, `<out>/checkpoints/import/0/` (items `params`
 and `meta`), plus the tokenizer, so `load_run(out)`, `llmjax-generate --workdir=out`,
@@ -135,23 +135,30 @@ def load_hf_params(hf_dir: str, dtype: str = "float32") -> tuple[ModelConfig, An
   except ConfigError as e:
     raise ConfigError(f"{hf_dir}: {e}") from None
   weights = SafetensorsFolder(hf_dir)
-  specs = {s.path: s for s in convert.tensor_specs(cfg)}
-  expected = {s.hf_name for s in specs.values()}
+  specs: dict[tuple[Any, ...], list[convert.TensorSpec]] = {}
+  for spec in convert.tensor_specs(cfg):  # a stacked expert parameter has one per expert
+    specs.setdefault(spec.path, []).append(spec)
+  expected = {s.hf_name for group in specs.values() for s in group}
   extra = sorted(n for n in weights.names()
                  if n not in expected and not convert.is_ignorable(n, cfg))
   if extra:
-    raise CheckpointError(f"tensor(s) {extra[:5]} in {hf_dir} have no place in the llmjax "
-                          "model of its config.json (unsupported extra weights); refusing to "
-                          "drop them")
+    fused = any(n.endswith(".experts.gate_up_proj") for n in extra)
+    raise CheckpointError(
+        f"tensor(s) {extra[:5]} in {hf_dir} have no place in the llmjax model of its "
+        "config.json (unsupported extra weights); refusing to drop them" + (
+            ". They are transformers 5's fused in-memory expert layout: load the folder in "
+            "transformers and save_pretrained it, which writes the per-expert tensors"
+            if fused else ""))
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
 
   def fill(path, leaf):
     keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
     keys = keys[:-1] if keys[-1] == "value" else keys
-    spec = specs[keys]
-    # One tensor at a time: read, transpose, cast, put on device, drop the host copy.
-    return jax.device_put(convert.from_hf(spec, weights.get(spec.hf_name)).astype(np_dtype))
+    # One parameter at a time: read, transpose, cast, put on device, drop the host copy.
+    # Expert specs come in expert order: their slices stack into `[E, ...]`.
+    slices = [convert.from_hf(s, weights.get(s.hf_name)).astype(np_dtype) for s in specs[keys]]
+    return jax.device_put(slices[0] if specs[keys][0].expert is None else np.stack(slices))
 
   try:
     params = jax.tree_util.tree_map_with_path(fill, abstract)

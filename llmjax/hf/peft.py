@@ -79,7 +79,7 @@ def adapter_specs(cfg: ModelConfig, target_modules: tuple[str, ...] | list[str]
   out = []
   for spec in convert.tensor_specs(cfg):
     target = spec.path[-1]
-    if spec.kind in _LINEAR_KINDS and target in target_modules:
+    if spec.kind in _LINEAR_KINDS and spec.expert is None and target in target_modules:
       n_in = weights.LAYOUTS[target].n_in
       out.append(AdapterSpec(spec.hf_name.removesuffix(".weight"), target,
                              spec.path[:-1] + (target + "_lora",), spec.shape[:n_in],
@@ -95,7 +95,8 @@ def loadable_names(cfg: ModelConfig) -> set[str]:
   ignored by peft.
   """
   return {f"{PREFIX}{s.hf_name.removesuffix('.weight')}.lora_{ab}.weight"
-          for s in convert.tensor_specs(cfg) if s.kind in _LINEAR_KINDS for ab in "AB"}
+          for s in convert.tensor_specs(cfg) if s.kind in _LINEAR_KINDS and s.expert is None
+          for ab in "AB"}
 
 
 def check_adapter_tensors(tensors: Mapping[str, tuple[int, ...]], cfg: ModelConfig,
