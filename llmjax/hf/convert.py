@@ -311,13 +311,19 @@ def _check_qwen2_moe(hf: dict[str, Any]) -> None:
                       "Qwen2-MoE with its gated shared expert, which needs a positive width")
 
 
+def _router_aux_loss_coef(hf: dict[str, Any]) -> float:
+  """config.json's router_aux_loss_coef; 0.0 is a setting (no balancing loss), not unset."""
+  if hf.get("router_aux_loss_coef") is None:
+    return _HF_ROUTER_AUX_LOSS_COEF
+  return _field(hf, "router_aux_loss_coef", float)
+
+
 def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
   """The ModelConfig fields of an MoE architecture (none for a dense one)."""
   if arch == MIXTRAL:
     return dict(n_experts=_field(hf, "num_local_experts", int),
                 n_experts_per_token=_field(hf, "num_experts_per_tok", int), norm_topk_prob=True,
-                router_aux_loss_coef=_field(hf, "router_aux_loss_coef", float,
-                                                     _HF_ROUTER_AUX_LOSS_COEF))
+                router_aux_loss_coef=_router_aux_loss_coef(hf))
   if arch == QWEN2_MOE:
     return dict(n_experts=_field(hf, "num_experts", int),
                 n_experts_per_token=_field(hf, "num_experts_per_tok", int),
@@ -325,8 +331,7 @@ def _moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
                 d_ff_shared=_field(hf, "shared_expert_intermediate_size", int),
                 shared_expert_gate=True,
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                router_aux_loss_coef=_field(hf, "router_aux_loss_coef", float,
-                                                     _HF_ROUTER_AUX_LOSS_COEF))
+                router_aux_loss_coef=_router_aux_loss_coef(hf))
   return {}
 
 
