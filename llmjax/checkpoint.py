@@ -3,7 +3,7 @@
 Layout of `<workdir>/checkpoints/<stage>/<step>/`:
   params/ the model parameters alone, so export and generation read only what they need
   train/  optimizer state, step, RNG (OCDBT; sharded arrays restore resharded)
-  data/   the grain iterator state of each process
+  data/   each process's data position (`process_<p>-of-<n>.json`; see `DataHandler`)
   meta/   JSON: the model config and what produced the checkpoint
 
 Orbax writes each step into a temporary directory and renames it into place only after every
@@ -13,7 +13,10 @@ steps leave the same way: renamed into `.deleted/` in one step, then deleted (se
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -31,6 +34,53 @@ from llmjax.model.config import ModelConfig
 # is deleted after the next save starts, at close, and by the next start (a killed run's).
 # (Orbax ignores the option on gs://, where it deletes in place as before.)
 TRASH = ".deleted"
+
+
+class DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's handler (each process writes its data position to `process_<p>-of-<n>.json`)
+  that also restores on another process count.
+
+  A data order that does not depend on the process count
+  (`llmjax.data.global_order`: its iterator has `restores_on_any_process_count`) saves
+  named parts; a restore reads every process's file and hands the iterator all the parts,
+  from which it takes its own. Any other source (RL rollouts, holding this process's
+  samples) restores only on the process count that saved it.
+  """
+
+  def restore(self, directory: Any, item: Any = None, args: Any = None) -> Any:
+    item = item or args.item
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not getattr(item, "restores_on_any_process_count", False):
+      own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      if files and own not in {f.name for f in files}:
+        saved = re.fullmatch(r"process_\d+-of-(\d+)\.json", files[0].name)
+        raise CheckpointError(
+            f"{directory} holds the data position of {saved.group(1) if saved else '?'} "
+            f"processes, and this run has {jax.process_count()}: {type(item).__name__} "
+            "resumes only on the process count that saved it. Restart with that many "
+            "processes, or use a new --workdir")
+      return super().restore(directory, item, args)
+    parts: dict[str, Any] = {}
+    for path in files:
+      for name, part in json.loads(path.read_text()).items():
+        if parts.setdefault(name, part) != part:
+          raise CheckpointError(f"{directory}: the processes saved different positions for "
+                                f"the data part {name!r}; use an earlier checkpoint")
+    item.set_state(json.dumps(parts).encode())
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 class Checkpointer:
@@ -57,7 +107,7 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
                        "train": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+                       "data": DataHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
     self._empty_trash()
 
@@ -90,7 +140,7 @@ class Checkpointer:
     items = {"params": ocp.args.StandardSave(state["params"]),
              "train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items["data"] = DataSave(data_iter)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._empty_trash()  # the save before this one has finished: its deletions are done
 
@@ -116,7 +166,7 @@ class Checkpointer:
     items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
              "train": ocp.args.StandardRestore(train)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      items["data"] = DataRestore(data_iter)
     restored = self._restore(step, ocp.args.Composite(**items))
     return {"params": restored["params"], **restored["train"]}
 

@@ -24,7 +24,7 @@ import gin
 import grain
 import numpy as np
 
-from llmjax.data import chat, synthetic
+from llmjax.data import chat, global_order, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows, rename_packed
 from llmjax.data.sources import hold_out, read_jsonl_records
 from llmjax.errors import ConfigError, DataError
@@ -271,25 +271,29 @@ def pack_examples(ds: grain.IterDataset, seq_len: int, rows: int,
 
 
 def train_batches(examples: list[dict[str, np.ndarray]], cfg: SFTDataConfig,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's stream of packed training batches `[batch_size // processes, seq_len]`."""
-  if cfg.batch_size % process_count:
-    raise ConfigError(f"SFTDataConfig.batch_size={cfg.batch_size} must be divisible by the "
-                      f"number of processes ({process_count})")
-  rows = cfg.batch_size // process_count
-  ds = grain.MapDataset.source(examples)[process_index::process_count]
-  ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs).to_iter_dataset()
-  return pack_examples(ds, cfg.seq_len, rows, cfg.seed).batch(rows, drop_remainder=True)
+                  process_index: int = 0, process_count: int = 1) -> global_order.GlobalOrder:
+  """This process's rows `[batch_size // processes, seq_len]` of the packed training batches.
+
+  Every process packs the same global batches (`batch_size` first-fit bins at a time) and
+  keeps its rows, so the batches are the same on any number of processes (`global_order`).
+  """
+  ds = grain.MapDataset.source(examples).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+  batches = pack_examples(ds.to_iter_dataset(), cfg.seq_len, cfg.batch_size,
+                          cfg.seed).batch(cfg.batch_size, drop_remainder=True)
+  return global_order.from_global_batches(batches, cfg.batch_size, process_index,
+                                          process_count, "SFTDataConfig.batch_size")
 
 
 def eval_batches(examples: list[dict[str, np.ndarray]], cfg: SFTDataConfig,
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """Fixed held-out packed batches (a short last batch padded with empty rows)."""
-  rows = cfg.batch_size // process_count
-  ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset()
+  """This process's rows of the fixed held-out packed batches (a short last batch padded
+  with empty rows); the same batches on any number of processes."""
+  rows = global_order.process_rows(cfg.batch_size, process_index, process_count,
+                                   "SFTDataConfig.batch_size")
+  ds = grain.MapDataset.source(examples).to_iter_dataset()
   out = []
-  for batch in pack_examples(ds, cfg.seq_len, rows).batch(rows, drop_remainder=False):
-    out.append(pad_rows(batch, rows))
+  for batch in pack_examples(ds, cfg.seq_len, cfg.batch_size).batch(cfg.batch_size):
+    out.append({k: v[rows] for k, v in pad_rows(batch, cfg.batch_size).items()})
     if len(out) == cfg.eval_batches:
       break
   return out

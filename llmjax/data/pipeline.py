@@ -1,5 +1,8 @@
 """grain pipelines: documents -> tokens -> packed `seq_len` rows -> batches.
 
+Training row r of every batch comes from row stream r (documents r, r + batch_size, ...),
+so the global batches are the same on any number of processes (`global_order`).
+
 Rows are packed with concat-then-split: documents are laid end to end and cut at `seq_len`,
 so no compute is spent on padding except at the very end of a finite dataset. Each row
 carries `segment_ids` (1, 2, ... per document, 0 = padding) and `positions` (restarting at 0
@@ -20,6 +23,7 @@ import grain
 from absl import logging
 import numpy as np
 
+from llmjax.data import global_order
 from llmjax.data import sources as sources_lib
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.errors import ConfigError
@@ -137,37 +141,38 @@ def rename_packed(row: dict[str, np.ndarray]) -> Batch:
           "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
 
 
-def _batched(docs: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
-             batch_size: int, drop_remainder: bool) -> grain.IterDataset:
-  tokens = docs.map(TokenizeDocument(tokenizer)).to_iter_dataset()
-  return pack_documents(tokens, seq_len).batch(batch_size, drop_remainder=drop_remainder)
-
-
 def train_dataset(cfg: DataConfig, tokenizer: Tokenizer, train_source: Any,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's infinite (or `num_epochs`) stream of training batches.
+                  process_index: int = 0, process_count: int = 1) -> global_order.GlobalOrder:
+  """This process's infinite (or `num_epochs`) stream of training batches, each
+  `[batch_size // process_count, seq_len]`.
 
-  Each process reads a disjoint shard of the documents and yields `batch_size //
-  process_count` rows, so the global batch is `batch_size` rows.
+  Row r of every global batch is the next row of row stream r: documents r, r + B, r + 2B,
+  ... (B = batch_size) of the shuffled order (reshuffled every epoch), tokenized and packed
+  by themselves. The global batches are the same for any number of processes
+  (`llmjax.data.global_order`); a process reads only its own streams' documents.
   """
-  if cfg.batch_size % process_count:
-    raise ConfigError(f"DataConfig.batch_size={cfg.batch_size} must be divisible by the "
-                      f"number of processes ({process_count})")
-  docs = grain.MapDataset.source(train_source)[process_index::process_count]
-  docs = docs.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
-  return _batched(docs, tokenizer, cfg.seq_len, cfg.batch_size // process_count,
-                  drop_remainder=True)
+  docs = grain.MapDataset.source(train_source).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+  tokenize = TokenizeDocument(tokenizer)
+
+  def stream(r: int) -> grain.IterDataset:
+    return pack_documents(docs[r::cfg.batch_size].map(tokenize).to_iter_dataset(), cfg.seq_len)
+
+  return global_order.from_streams(stream, cfg.batch_size, process_index, process_count,
+                                   "DataConfig.batch_size")
 
 
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, eval_source: Any,
                  process_index: int = 0, process_count: int = 1) -> list[Batch]:
-  """The fixed held-out batches (the same every evaluation, padded rows masked out)."""
-  docs = grain.MapDataset.source(eval_source)[process_index::process_count]
-  ds = _batched(docs, tokenizer, cfg.seq_len, cfg.batch_size // process_count,
-                drop_remainder=False)
+  """This process's rows of the fixed held-out batches (the same every evaluation, padded
+  rows masked out). Every process packs the whole (small) held-out set, so the batches are
+  the same for any number of processes."""
+  rows = global_order.process_rows(cfg.batch_size, process_index, process_count,
+                                   "DataConfig.batch_size")
+  tokens = grain.MapDataset.source(eval_source).map(TokenizeDocument(tokenizer))
+  ds = pack_documents(tokens.to_iter_dataset(), cfg.seq_len).batch(cfg.batch_size)
   out = []
   for batch in ds:
-    out.append(pad_rows(batch, cfg.batch_size // process_count))
+    out.append({k: v[rows] for k, v in pad_rows(batch, cfg.batch_size).items()})
     if len(out) == cfg.eval_batches:
       break
   if not out:

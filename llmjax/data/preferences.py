@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.data import chat, synthetic
+from llmjax.data import chat, global_order, synthetic
 from llmjax.data.pipeline import as_paths, pad_rows
 from llmjax.data.sources import hold_out, read_jsonl_records
 from llmjax.errors import ConfigError, DataError
@@ -461,33 +461,30 @@ def pad_pair_rows(batch: Batch, rows: int) -> Batch:
   return out
 
 
-def _rows(cfg: PreferenceDataConfig, process_count: int) -> int:
-  if cfg.batch_size % process_count:
-    raise ConfigError(f"PreferenceDataConfig.batch_size={cfg.batch_size} must be divisible by "
-                      f"the number of processes ({process_count})")
-  return cfg.batch_size // process_count
-
-
 def train_batches(examples: Sequence[dict[str, Any]], cfg: PreferenceDataConfig,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's shuffled stream (forever, or `num_epochs`) of training batches, each
-  `[batch_size // process_count, seq_len]` in the batch layout; checkpointable (grain)."""
-  rows = _rows(cfg, process_count)
-  ds = grain.MapDataset.source(list(examples))[process_index::process_count]
-  ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs).to_iter_dataset()
-  return pack_pairs(ds, cfg.seq_len, rows, cfg.max_pairs_per_row,
-                    cfg.seed).batch(rows, drop_remainder=True)
+                  process_index: int = 0, process_count: int = 1) -> global_order.GlobalOrder:
+  """This process's rows `[batch_size // process_count, seq_len]` (batch layout) of the
+  shuffled training batches, forever or `num_epochs`. Every process packs the same global
+  batches and keeps its rows: the same batches on any number of processes (`global_order`)."""
+  ds = grain.MapDataset.source(list(examples)).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+  batches = pack_pairs(ds.to_iter_dataset(), cfg.seq_len, cfg.batch_size,
+                       cfg.max_pairs_per_row, cfg.seed).batch(cfg.batch_size,
+                                                              drop_remainder=True)
+  return global_order.from_global_batches(batches, cfg.batch_size, process_index,
+                                          process_count, "PreferenceDataConfig.batch_size")
 
 
 def eval_batches(examples: Sequence[dict[str, Any]], cfg: PreferenceDataConfig,
                  process_index: int = 0, process_count: int = 1) -> list[Batch]:
-  """At most `eval_batches` fixed held-out batches (a short last one padded with empty rows)."""
-  rows = _rows(cfg, process_count)
-  ds = grain.MapDataset.source(list(examples))[process_index::process_count].to_iter_dataset()
+  """This process's rows of at most `eval_batches` fixed held-out batches (a short last one
+  padded with empty rows); the same batches on any number of processes."""
+  rows = global_order.process_rows(cfg.batch_size, process_index, process_count,
+                                   "PreferenceDataConfig.batch_size")
+  ds = grain.MapDataset.source(list(examples)).to_iter_dataset()
   out = []
-  for batch in pack_pairs(ds, cfg.seq_len, rows, cfg.max_pairs_per_row,
-                          shuffle_bins=False).batch(rows, drop_remainder=False):
-    out.append(pad_pair_rows(batch, rows))
+  for batch in pack_pairs(ds, cfg.seq_len, cfg.batch_size, cfg.max_pairs_per_row,
+                          shuffle_bins=False).batch(cfg.batch_size):
+    out.append({k: v[rows] for k, v in pad_pair_rows(batch, cfg.batch_size).items()})
     if len(out) == cfg.eval_batches:
       break
   return out

@@ -12,13 +12,15 @@ This is TRL 1.16's GKD (`trl/experimental/gkd/gkd_trainer.py`: `random.random() 
 per step; the batch's prompts, completions from `generate_on_policy_outputs`, labels on the
 completion only), with the teacher then scoring the student's samples in the loss.
 
-The source's state is the off-policy stream's grain iterator state (as JSON); the on-policy
-draws are functions of (seed, step), so nothing else needs saving.
+The source's state is the off-policy stream's position; the on-policy draws are functions
+of (seed, step), so nothing else needs saving. The off-policy batches are the same on any
+number of processes (`llmjax.data.global_order`), and so is a resume's; an on-policy step's
+samples are drawn over the gathered prompts of all processes, so they depend on how many
+there are (each pads its share to the largest).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -97,7 +99,8 @@ class DistillBatches(loop.BatchSource):
                top_p: float = 1.0):
     """
     Args:
-      batches: a grain IterDataset of packed batches (`[rows, seq_len]` numpy arrays).
+      batches: this process's packed batches (`[rows, seq_len]` numpy arrays), e.g.
+        `instructions.train_batches`.
       make_sampler: (graphdef, params) -> a `Sampler` over the student's current parameters.
       lmbda: the probability that a step is on-policy (0: never, 1: always).
       max_new_tokens, temperature, top_k, top_p: how replies are sampled.
@@ -152,8 +155,12 @@ class DistillBatches(loop.BatchSource):
     self._pending = {}
     return out
 
+  @property
+  def restores_on_any_process_count(self) -> bool:
+    return getattr(self.iterator, "restores_on_any_process_count", False)
+
   def get_state(self) -> bytes:
-    return json.dumps(self.iterator.get_state()).encode()
+    return self.iterator.get_state()
 
   def set_state(self, state: bytes) -> None:
-    self.iterator.set_state(json.loads(state.decode()))
+    self.iterator.set_state(state)

@@ -1,4 +1,5 @@
-"""The data pipeline: packing invariants, determinism, resumption, process sharding."""
+"""The data pipeline: packing invariants, determinism, resumption (process counts:
+tests/data/test_global_order.py)."""
 
 import numpy as np
 import pytest
@@ -107,17 +108,6 @@ def test_epochs_reshuffle_and_cover_every_document(tokenizer, tmp_path):
   assert sorted(first) == sorted(second) == list(range(10)), order  # each epoch: all, once
   assert first != second  # the second epoch is shuffled anew
   assert first != list(range(10))
-
-
-def test_processes_read_disjoint_documents(sources, tokenizer):
-  train = sources[0]
-  cfg = pipeline.DataConfig(seq_len=64, batch_size=4, eval_documents=50, num_epochs=1)
-  rows = []
-  for pid in range(2):
-    batch = next(iter(pipeline.train_dataset(cfg, tokenizer, train, pid, 2)))
-    assert batch["tokens"].shape == (2, 64)  # the global batch is split across processes
-    rows.append(batch["tokens"])
-  assert not np.array_equal(rows[0], rows[1])
 
 
 def test_held_out_split_is_disjoint(tmp_path):
