@@ -65,7 +65,9 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
       for name, part in json.loads(path.read_text()).items():
         if parts.setdefault(name, part) != part:
           raise CheckpointError(f"{directory}: the processes saved different positions for "
-                                f"the data part {name!r}; use an earlier checkpoint")
+                                f"the data part {name!r} (a checkpoint of an llmjax before the "
+                                "global data order?): resume it with the llmjax that wrote it, "
+                                "or use a new --workdir")
     item.set_state(json.dumps(parts).encode())
     item.start_prefetch()
     return item

@@ -155,7 +155,11 @@ def train_dataset(cfg: DataConfig, tokenizer: Tokenizer, train_source: Any,
   tokenize = TokenizeDocument(tokenizer)
 
   def stream(r: int) -> grain.IterDataset:
-    return pack_documents(docs[r::cfg.batch_size].map(tokenize).to_iter_dataset(), cfg.seq_len)
+    # Read in the calling thread: grain's default is 16 threads and 500 documents ahead,
+    # per stream (thousands of threads for a large batch).
+    ds = docs[r::cfg.batch_size].map(tokenize).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return pack_documents(ds, cfg.seq_len)
 
   return global_order.from_streams(stream, cfg.batch_size, process_index, process_count,
                                    "DataConfig.batch_size")
