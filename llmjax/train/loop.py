@@ -420,8 +420,10 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       which of its variables train.
     roles: other models the loss reads, by role name (`reference`, `reward`, `teacher`,
       or a trainable `value`); each is placed on the mesh by the same rules.
-    train_data: a grain IterDataset of numpy batches `[batch, ...]`, or a `BatchSource`
-      driven by the current parameters.
+    train_data: this process's numpy batches `[batch, ...]`: an iterable whose iterator
+      has get_state()/set_state() (a `data.global_order.GlobalOrder`, which resumes on any
+      process count, or a grain IterDataset), or a `BatchSource` driven by the current
+      parameters.
     eval_data: fixed held-out batches, evaluated every `eval_every` steps and at the end.
     stop_after: stop (after checkpointing) once this step is reached, as a preemption would.
     mesh, rules: the device mesh and the name of the logical-axis rule set
