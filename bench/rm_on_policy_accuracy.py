@@ -6,7 +6,9 @@ question `--samples` times at `--temperature`; each distinct wrong answer is pai
 right one of the same question (the reference answer when none is right), exactly as
 `llmjax.preference.on_policy` pairs them; the accuracy is the fraction of pairs the reward
 model scores right above wrong. Also the accuracy on the built-in held-out pairs (a true
-answer over a made-up wrong one). Prints a markdown row.
+answer over a made-up wrong one). The same pairs as the rm stage's evaluation, so for a
+reward model trained with `rm.on_policy` the numbers equal its last eval's. Prints a markdown
+row.
 
   python bench/rm_on_policy_accuracy.py --policy=runs/tiny_rlhf:sft --rm=runs/tiny_rlhf:rm
 """
@@ -40,8 +42,9 @@ def main():
 
   ctx = RunContext(workdir="/nonexistent")
   policy, rm = ctx.resolve(args.policy, "--policy"), ctx.resolve(args.rm, "--rm")
-  data = preferences.PreferenceDataConfig(seq_len=256, batch_size=8, max_pairs_per_row=4,
-                                          builtin_eval=args.questions)
+  # The rm stage's held-out split (tiny/reward_model.gin's data); its first `--questions`
+  # questions are the ones `rm.on_policy` evaluates.
+  data = preferences.PreferenceDataConfig(seq_len=256, batch_size=8, max_pairs_per_row=4)
   _, held, _ = preferences.load_pairs(data)
   synthetic, _ = preferences.tokenize_pairs(held, policy.tokenizer, args.template,
                                             data.seq_len, data.overlong)
