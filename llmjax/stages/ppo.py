@@ -11,9 +11,10 @@ Each rollout samples one completion per prompt from the current policy with our 
 jitted program on the run's mesh (`PPORollout`) then computes the policy's and reference's
 log-probs, the values and the reward model's score of prompt + completion as the chat
 template renders the conversation (after an end-of-turn token, what the template puts after
-it: ChatML's '\n'), read at its last token, where the rm stage trains it (TRL reads it one
-position after the EOS token, see `llmjax.rl.ppo`), turns them into per-token rewards (-kl_coef x KL + the score on the last
-token, a missing-EOS penalty), GAE advantages whitened over the batch, and returns. The
+it: ChatML's '\n'), read at its last token, where the rm stage trains it; turns them into
+per-token rewards (-kl_coef x KL + the score on the completion's last token, where TRL puts it
+one position later, see `llmjax.rl.ppo`; a missing-EOS penalty), GAE advantages whitened over
+the batch, and returns. The
 rollout then feeds `num_ppo_epochs` x `num_mini_batches` optimizer steps of the clipped
 surrogate plus `vf_coef` x the clipped value loss. An adaptive KL controller (Ziegler et al.
 2019) moves kl_coef toward `target_kl`, its state checkpointed with the rollout source.
