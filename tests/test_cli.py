@@ -64,10 +64,12 @@ def test_a_failed_start_leaves_the_runs_config_alone(tmp_path):
 def test_shorthand_quotes_bare_strings():
   rest, bindings = gin_flags.split_gin_shorthand(
       ["prog", "--workdir=/w", "--gin.DataConfig.format=jsonl", "--gin.X.y=/a/b.txt",
-       "--gin.X.z='quoted'", "--gin.X.n=3"])
+       "--gin.X.z='quoted'", "--gin.X.n=3", "--gin.X.r=@NotRegisteredYet()",
+       "--gin.X.m=%SOME_MACRO"])
   assert rest == ["prog", "--workdir=/w"]
+  # References and macros stay themselves, even to configurables gin does not know yet.
   assert bindings == ["DataConfig.format = 'jsonl'", "X.y = '/a/b.txt'", "X.z = 'quoted'",
-                      "X.n = 3"]
+                      "X.n = 3", "X.r = @NotRegisteredYet()", "X.m = %SOME_MACRO"]
 
 
 @pytest.mark.parametrize("binding, message", [

@@ -42,6 +42,10 @@ def split_gin_shorthand(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _as_gin_literal(value: str) -> str:
+  if value.startswith(("@", "%")):
+    # A configurable reference or macro: parse_value cannot read one whose module is not
+    # imported yet (this runs before the stages register theirs), and it is never a path.
+    return value
   try:
     gin.config.parse_value(value)
     return value

@@ -155,6 +155,16 @@ def render_chat(messages: Sequence[dict[str, str]], name: str, tokenizer: Any,
   return ids, mask
 
 
+def after_reply(tokenizer: Any, name: str) -> tuple[int, tuple[int, ...]]:
+  """(the end-of-turn token id, the ids the template renders right after it): ChatML's
+  `<|im_end|>` and `\n`; Llama 3's `<|eot_id|>` and nothing. A reply sampled up to its stop
+  token lacks what follows it in the rendered conversation, which is what a reward model
+  trained on rendered conversations reads its score at (`stages.ppo.reward_scores`)."""
+  t = get_template(name)
+  after = tokenizer.encode(t.separator_after_end) if t.separator_after_end else []
+  return tokenizer.token_id(t.end), tuple(after)
+
+
 def prompt_ids(messages: Sequence[dict[str, str]], name: str, tokenizer: Any) -> list[int]:
   """Token ids of the conversation so far plus the assistant header: a generation prompt."""
   return render_chat(messages, name, tokenizer, add_generation_prompt=True)[0]

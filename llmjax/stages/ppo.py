@@ -9,10 +9,12 @@ value head on the policy's own trunk (`'shared'`).
 
 Each rollout samples one completion per prompt from the current policy with our Sampler; one
 jitted program on the run's mesh (`PPORollout`) then computes the policy's and reference's
-log-probs, the values and the reward model's score of prompt + completion, read at the last
-real token (the EOS token when there is one: TRL reads it one position later, see
-`llmjax.rl.ppo`), turns them into per-token rewards (-kl_coef x KL + the score on the last
-token, a missing-EOS penalty), GAE advantages whitened over the batch, and returns. The
+log-probs, the values and the reward model's score of prompt + completion as the chat
+template renders the conversation (after an end-of-turn token, what the template puts after
+it: ChatML's '\n'), read at its last token, where the rm stage trains it; turns them into
+per-token rewards (-kl_coef x KL + the score on the completion's last token, where TRL puts it
+one position later, see `llmjax.rl.ppo`; a missing-EOS penalty), GAE advantages whitened over
+the batch, and returns. The
 rollout then feeds `num_ppo_epochs` x `num_mini_batches` optimizer steps of the clipped
 surrogate plus `vf_coef` x the clipped value loss. An adaptive KL controller (Ziegler et al.
 2019) moves kl_coef toward `target_kl`, its state checkpointed with the rollout source.
@@ -128,12 +130,30 @@ def _values(cfg: PPOConfig, value_model, hidden, batch) -> jax.Array:
   return value_model(batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
-def reward_scores(reward_model, batch: dict[str, jax.Array]) -> jax.Array:
-  """`[rows]` reward-model scores of each row's whole sequence (prompt + completion), read at
-  its last real token. The rows' inputs stop one token short (the last token is only a
-  target), so the sequence is rebuilt as the first input followed by the targets."""
+def reward_scores(reward_model, batch: dict[str, jax.Array],
+                  after_reply: tuple[int, tuple[int, ...]] = (-1, ())) -> jax.Array:
+  """`[rows]` reward-model scores of each row's conversation, read at its last token.
+
+  The conversation is prompt + completion and, when the completion ends with the chat
+  template's end-of-turn token, what the template renders after it (`chat.after_reply`:
+  ChatML's '\n' after <|im_end|>): the sequence the rm stage trains on, as the template renders
+  it, so the score is read where the reward model learned to give it (read at <|im_end|>
+  instead, the tiny RLHF recipe's reward model ranked held-out pairs 0.61 right, not 0.83).
+  A completion cut by the token budget is read at its last token. The rows' inputs stop one
+  token short (the last token is only a target), so the sequence is rebuilt as the first
+  input followed by the targets.
+  """
   full = jnp.concatenate([batch["tokens"][:, :1], batch["targets"]], axis=1)
   lengths = jnp.sum(batch["segment_ids"] > 0, axis=1) + 1
+  end_id, after = after_reply
+  if after:
+    last = jnp.take_along_axis(full, (lengths - 1)[:, None], axis=1)[:, 0]
+    ended = (last == end_id)[:, None]
+    full = jnp.pad(full, ((0, 0), (0, len(after))))
+    column = jnp.arange(full.shape[1])[None, :]
+    for k, token in enumerate(after):
+      full = jnp.where(ended & (column == lengths[:, None] + k), token, full)
+    lengths = lengths + jnp.where(ended[:, 0], len(after), 0)
   return end_scores(reward_model, full, lengths)
 
 
@@ -141,8 +161,9 @@ class PPORollout(Finish):
   """Scores a rollout on device and fills in what PPO trains with: `old_logps`, `old_values`,
   `advantages` and `returns` (`[rows, seq]`), with the adaptive kl_coef as its state."""
 
-  def __init__(self, cfg: PPOConfig, mesh, rules):
-    self.cfg, self.mesh, self.rules = cfg, mesh, rules
+  def __init__(self, cfg: PPOConfig, mesh, rules,
+               after_reply: tuple[int, tuple[int, ...]] = (-1, ())):
+    self.cfg, self.mesh, self.rules, self.after_reply = cfg, mesh, rules, after_reply
     self.kl_coef = cfg.kl_coef
     self.rows = mesh_lib.batch_sharding(mesh, rules)
     self._fn = jax.jit(self._compute, static_argnums=0,
@@ -157,7 +178,7 @@ class PPORollout(Finish):
     ref_logps = target_logps(roles_lib.reference_model(policy, refs), batch,
                              cfg.max_new_tokens)[1]
     values = _values(cfg, models[roles_lib.VALUE], hidden, batch)
-    scores = reward_scores(models[roles_lib.REWARD], batch)
+    scores = reward_scores(models[roles_lib.REWARD], batch, self.after_reply)
     mask = batch["loss_mask"].astype(jnp.float32)
     kl = ppo_lib.kl_penalty(logps, ref_logps, cfg.kl_estimator) * mask
     rewards = ppo_lib.token_rewards(scores, kl, mask, kl_coef=kl_coef,
@@ -254,7 +275,8 @@ class HeldOut:
     self.reward_params = jax.jit(
         lambda p: p, out_shardings=mesh_lib.param_shardings(params, mesh, rules))(params)
     self.mesh, self.rules = mesh, rules
-    self._score = jax.jit(lambda gd, p, b: reward_scores(nnx.merge(gd, p), b),
+    after = chat.after_reply(tokenizer, template)
+    self._score = jax.jit(lambda gd, p, b: reward_scores(nnx.merge(gd, p), b, after),
                           static_argnums=0, out_shardings=self.rows)
 
   def __call__(self, graphdef, params, step=0) -> dict[str, float]:
@@ -347,7 +369,8 @@ class PPO:
                                 minibatches=cfg.num_mini_batches)
     source = RolloutSource(prompts_lib.PromptIterator(train_ex, self.data, pid, nproc),
                            lambda gd, p: Sampler(gd, p, tokenizer, eos_ids=stop_ids), (),
-                           rollout_cfg, PPORollout(cfg, mesh, rules))
+                           rollout_cfg,
+                           PPORollout(cfg, mesh, rules, chat.after_reply(tokenizer, template)))
     eval_budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
     held_out = HeldOut(reward, tokenizer, template,
                        prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc), eval_budget,

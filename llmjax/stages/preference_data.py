@@ -18,6 +18,7 @@ class PreferenceSplits:
   tokenizer: Any
   train: list[dict[str, Any]]  # tokenized examples (`preferences.tokenize_pairs`)
   eval: list[dict[str, Any]]
+  train_pairs: list[preferences.Pair]  # the training pairs as messages
   eval_pairs: list[preferences.Pair]  # the held-out pairs as messages
   counts: dict[str, int]  # what reading and tokenizing kept, truncated and dropped
 
@@ -41,7 +42,7 @@ def prepare_pairs(ctx: RunContext, stage: str, data: preferences.PreferenceDataC
   counts = {**source_stats.as_dict(), **train_stats.as_dict("train_"),
             **eval_stats.as_dict("eval_")}
   logging.info("%s data (%s, overlong=%s): %s", stage, template, data.overlong, counts)
-  return PreferenceSplits(tokenizer, train, evals, eval_pairs, counts)
+  return PreferenceSplits(tokenizer, train, evals, train_pairs, eval_pairs, counts)
 
 
 def answer_items(pairs: list[preferences.Pair], limit: int) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from llmjax.data import instructions, preferences
 from llmjax.errors import ConfigError
 from llmjax.metrics import read_metrics
 from llmjax.model.lora import LoraConfig
+from llmjax.preference.on_policy import OnPolicyPairs
 from llmjax.stages import RunContext, run_stages
 from llmjax.stages.context import TokenizerConfig
 from llmjax.stages.dpo import PreferenceLoss, dpo_stage
@@ -21,6 +22,7 @@ from tests.conftest import TEST_MODEL
 
 DATA = preferences.PreferenceDataConfig(seq_len=128, batch_size=4, max_pairs_per_row=2,
                                         builtin_train=64, builtin_eval=12, eval_batches=1)
+ON_POLICY = OnPolicyPairs(samples=3, max_new_tokens=6, eval_questions=8, seed=5)
 
 
 def _train(steps=4, every=2):
@@ -72,11 +74,14 @@ def train_rows(workdir, stage):
 
 
 # The live reference is covered by test_precomputed_reference_equals_live.
-@pytest.mark.parametrize("which", ["dpo_precomputed", "rm"])
+# rm with on-policy pairs (the plain rm's path and more): the resumed run samples its start's
+# answers again and must get the same pairs.
+@pytest.mark.parametrize("which", ["dpo_precomputed", "rm_on_policy"])
 def test_resume_is_exact(tmp_path, start, tokenizer_path, which):
   make = {"dpo": lambda: dpo(start, tokenizer_path),
           "dpo_precomputed": lambda: dpo(start, tokenizer_path, precompute_reference=True),
-          "rm": lambda: rm(start, tokenizer_path)}[which]
+          "rm": lambda: rm(start, tokenizer_path),
+          "rm_on_policy": lambda: rm(start, tokenizer_path, on_policy=ON_POLICY)}[which]
   _, expected = run(tmp_path / "straight", make())
   _, stopped = run(tmp_path / "resumed", make(), stop_after=2)
   table = tmp_path / "resumed" / "reference_logps" / "dpo.npz"
@@ -89,11 +94,41 @@ def test_resume_is_exact(tmp_path, start, tokenizer_path, which):
   assert not all(np.array_equal(a, b) for a, b in zip(stopped, expected))  # it did train on
   if which == "dpo_precomputed":
     assert table.stat().st_mtime_ns == before  # read back, not recomputed
-  name = "rm" if which == "rm" else "dpo"
+  name = "dpo" if which.startswith("dpo") else "rm"
   rows = train_rows(tmp_path / "straight", name)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   key = "accuracy" if name == "rm" else "rewards/accuracies"
   assert all(0.0 <= r[key] <= 1.0 and np.isfinite(r["loss"]) for r in rows)
+  if which == "rm_on_policy":
+    check_on_policy_pairs(tmp_path / "straight", start)
+
+
+def check_on_policy_pairs(workdir, start):
+  """The rm stage's on-policy counts are its start's own sampled answers, sampled here again
+  and judged by plain normalised string equality; every on-policy held-out pair evaluated."""
+  from llmjax.data import chat
+  from llmjax.runs.load import load_run
+  from llmjax.sample.sampler import Sampler
+  records = read_metrics(str(workdir))
+  data = next(m for m in records if m["kind"] == "data" and m["stage"] == "rm")
+  loaded = load_run(start)
+  tok = loaded.tokenizer
+  sampler = Sampler(loaded.graphdef, loaded.params, tok,
+                    eos_ids=chat.stop_token_ids(tok, "chatml"))
+  norm = lambda t: t.strip().rstrip(".").strip().lower()
+  for split, pairs in (("train", preferences.builtin_pairs("train", 64)),
+                       ("eval", preferences.builtin_pairs("eval", 12)[:8])):
+    out = sampler.sample([chat.prompt_ids(p["prompt"], "chatml", tok) for p in pairs],
+                         max_new_tokens=6, num_samples=3, temperature=1.0, seed=5)
+    answers = [p["chosen"][0]["content"] for p in pairs]
+    wrong = [{t for t in texts if norm(t) != norm(a)} for a, texts in zip(answers, out.texts)]
+    right = sum(norm(t) == norm(a) for a, texts in zip(answers, out.texts) for t in texts)
+    assert data[f"on_policy_{split}_samples"] == 3 * len(pairs)
+    assert data[f"on_policy_{split}_correct"] == right
+    assert data[f"on_policy_{split}_pairs"] == sum(len(w) for w in wrong) > 0
+  evals = [m for m in records if m["kind"] == "eval" and m["stage"] == "rm"]
+  assert evals[-1]["on_policy/pairs"] == data["on_policy_eval_pairs"]
+  assert 0.0 <= evals[-1]["on_policy/accuracy"] <= 1.0
 
 
 def test_precomputed_reference_equals_live(tmp_path, start, tokenizer_path):
@@ -165,7 +200,7 @@ def test_reward_model_export_scores_match_transformers(tmp_path, start, tokenize
   assert np.ptp(ours) > 1e-3  # distinct texts, distinct scores: not a constant head
 
 
-def test_bad_settings_fail_with_clear_errors(start, tokenizer_path):
+def test_bad_settings_fail_with_clear_errors(tmp_path, start, tokenizer_path):
   with pytest.raises(ConfigError, match=r"beta must be > 0"):
     PreferenceLoss(beta=0.0)
   with pytest.raises(ConfigError, match=r"label_smoothing"):
@@ -180,6 +215,9 @@ def test_bad_settings_fail_with_clear_errors(start, tokenizer_path):
     dpo(start, tokenizer_path, loss=PreferenceLoss(loss_type="orpo"), reference_from="sft")
   with pytest.raises(ConfigError, match=r"center_rewards_coefficient"):
     rm(start, tokenizer_path, center_rewards_coefficient=-1.0)
+  with pytest.raises(ConfigError, match=r"rm.on_policy samples answers from the stage's start"):
+    run_stages([rm(None, tokenizer_path, on_policy=ON_POLICY)],
+               RunContext(workdir=str(tmp_path)))
 
 
 def test_reward_export_of_a_run_without_a_head_fails_and_writes_nothing(tmp_path, start):

@@ -1,4 +1,4 @@
-"""The ppo stage on a tiny model: the reward model reads the sequence the sampler produced,
+"""The ppo stage on a tiny model: the reward model reads the conversation the sampler produced,
 exact resume with the adaptive KL coefficient restored, a shared trunk's value loss reaches the
 trunk, and refused inputs."""
 
@@ -86,21 +86,39 @@ def test_resume_is_exact_with_the_adaptive_kl_coefficient(tmp_path, tokenizer_pa
   assert baseline and evals and evals[-1]["rm_score_n"] == 4 and "exact_match" in evals[-1]
 
 
-def test_reward_is_read_at_the_last_real_token(tokenizer_path):
+def test_reward_reads_the_conversation_as_the_template_renders_it(tokenizer_path):
+  from llmjax.data import chat
   tokenizer = Tokenizer.load(tokenizer_path)
   rm_cfg = reward_config(TEST_MODEL)
   graphdef, params = nnx.split(build_model(rm_cfg, seed=3))
-  prompts = [[tokenizer.bos_id, 10, 11, 12], [tokenizer.bos_id, 20]]
-  completions = np.asarray([[[30, 31, 32, 0]], [[40, 0, 0, 0]]], np.int32)
-  lengths = np.asarray([[3], [1]])
-  rows = training_rows(prompts, completions, lengths, seq_len=12)
-  score = jax.jit(lambda p, b: reward_scores(nnx.merge(graphdef, p), b))
+  question = [{"role": "user", "content": "Where does Alice live?"}]
+  end_id, after = chat.after_reply(tokenizer, "chatml")
+  assert after  # ChatML renders '\n' after <|im_end|>
+  oslo = tokenizer.encode("Oslo")
+  prompts = [[tokenizer.bos_id, 10, 11, 12], [tokenizer.bos_id, 20],
+             chat.prompt_ids(question, "chatml", tokenizer)]
+  # Row 0: cut by the budget; row 1: a stop token that is not the template's end; row 2: a
+  # reply ended by <|im_end|>.
+  completions = np.zeros((3, 1, 6), np.int32)
+  completions[0, 0, :3], completions[1, 0, :1] = [30, 31, 32], [tokenizer.eos_id]
+  completions[2, 0, :len(oslo) + 1] = oslo + [end_id]
+  lengths = np.asarray([[3], [1], [len(oslo) + 1]])
+  rows = training_rows(prompts, completions, lengths, seq_len=40)
+  score = jax.jit(lambda p, b: reward_scores(nnx.merge(graphdef, p), b, (end_id, after)))
   got = score(params, {k: jnp.asarray(v) for k, v in rows.items()})
-  # Independently: the whole prompt + completion scored as HF's *ForSequenceClassification
-  # reads it, at the sequence's last token (the completion's final, e.g. EOS, token).
-  sequences = [p + c[0, :n[0]].tolist() for p, c, n in zip(prompts, completions, lengths)]
-  np.testing.assert_allclose(got, score_sequences(graphdef, params, sequences), rtol=1e-5,
-                             atol=1e-6)
+  # Independently: each sequence scored as HF's *ForSequenceClassification reads it, at its
+  # last token; the ended reply as the whole conversation the chat template renders (what
+  # the rm stage trains on), which goes on past <|im_end|>.
+  rendered = chat.render_chat(question + [{"role": "assistant", "content": "Oslo"}], "chatml",
+                              tokenizer)[0]
+  assert rendered[-len(after) - 1] == end_id
+  sequences = [p + c[0, :n[0]].tolist() for p, c, n in zip(prompts[:2], completions, lengths)]
+  expected = score_sequences(graphdef, params, sequences + [rendered])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # Without the template's tail the ended reply is read at <|im_end|>: another score.
+  plain = jax.jit(lambda p, b: reward_scores(nnx.merge(graphdef, p), b))
+  assert abs(float(plain(params, {k: jnp.asarray(v) for k, v in rows.items()})[2]) -
+             float(expected[2])) > 1e-4
 
 
 @pytest.mark.parametrize("value_model", ["separate", "shared"])
