@@ -128,7 +128,10 @@ class MetricsWriter:
   def _tensorboard(self):
     if self._tb is None:
       from tensorboardX import SummaryWriter  # imported late: heavy, and only process 0 needs it
-      self._tb = SummaryWriter(self._tb_dir, purge_step=self._purge_step)
+      # Event files are named by the second they open in: a suffix keeps two writers of one
+      # stage within a second (a resumed loop, the stage's time record) from sharing a file.
+      self._tb = SummaryWriter(self._tb_dir, purge_step=self._purge_step,
+                               filename_suffix=f".{time.time_ns()}")
     return self._tb
 
   def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
