@@ -88,9 +88,12 @@ def main():
   from jax._src import distributed as jax_distributed
   from llmjax.parallel import distributed
 
-  # A loaded machine can put the processes more than gloo's 30 s rendezvous apart, which
-  # fails the first collective: orbax's barriers go through the coordination service instead
-  # of a device collective, and every process starts the run at one barrier.
+  # The first collective over a set of devices waits at most 30 s (gloo's rendezvous) for
+  # every process to reach it; a loaded machine puts processes further apart than that
+  # (process 0 loads its programs from the suite's compilation cache, the others compile).
+  # So orbax's barriers go through the coordination service instead of a device collective,
+  # and every process starts the run at one barrier: the first collective finds them
+  # together. Later collectives wait as long as they need.
   flags.FLAGS(["elastic_worker", "--experimental_orbax_use_distributed_barrier"])
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   jax_distributed.global_state.client.wait_at_barrier("elastic_worker_start", 600_000)
