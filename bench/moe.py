@@ -14,16 +14,28 @@ quarter of the logged steps.
   moe_capacity the same with moe_capacity_factor 1.25: the static-buffer path, step time
 
   python bench/moe.py --steps=200 --batch_size=8 --seq_len=128
+
+--data=facts trains on a capacity-limited corpus instead of the built-in world: short bios
+of --entities made-up people, each with five random attributes (`fact_documents`), written
+as JSONL into the workdir and read through the ordinary user-data path (DataConfig
+format=jsonl). Eval bios restate the same facts in new documents (another attribute order
+and other phrasings), so the eval loss measures how many facts the model has stored.
+--dense_d_ff adds dense rows of other widths, to check that the data is capacity-limited
+(a wider dense model must do clearly better, or there is nothing for the MoE to win).
+
+  python bench/moe.py --data=facts --variants=dense,moe --d_ff_expert=32 --steps=600
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import tempfile
 
 from absl import app, flags
+import numpy as np
 
 flags.DEFINE_integer("steps", 200, "train steps per variant")
 flags.DEFINE_integer("batch_size", 8, "rows per step")
@@ -32,19 +44,143 @@ flags.DEFINE_float("learning_rate", 3e-3, "peak learning rate")
 flags.DEFINE_list("variants", ["dense", "moe", "moe_no_aux", "moe_capacity"], "which to run")
 flags.DEFINE_integer("d_ff_expert", 128, "expert width (the dense model's d_ff is top-k times it)")
 flags.DEFINE_string("workdir", None, "where the runs go (default: a temporary directory)")
+flags.DEFINE_enum("data", "builtin", ["builtin", "facts"], "the built-in world, or the "
+                  "capacity-limited fact corpus (`fact_documents`)")
+flags.DEFINE_integer("entities", 2000, "--data=facts: people in the fact corpus")
+flags.DEFINE_list("dense_d_ff", [], "extra dense variants of these MLP widths")
+flags.DEFINE_integer("seed", 0, "parameter init and data order")
+flags.DEFINE_integer("eval_batches", 4, "held-out batches per evaluation")
 FLAGS = flags.FLAGS
+
+# The fact corpus: values are plain words the tokenizer learns whole; names are made up from
+# syllables, so a person is several tokens and nothing about a name predicts its attributes.
+_SYLLABLES = ("ka", "ro", "mi", "tal", "ven", "dor", "li", "sa", "bel", "nu", "gar", "fi",
+              "zen", "po", "ru", "them", "wa", "xi", "lo", "mar", "de", "qua", "ish", "bo")
+FACT_VALUES = {
+    "city": ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Berlin", "Madrid", "Dublin",
+             "Vienna", "Prague", "Lisbon", "Quito", "Delhi", "Seoul", "Sydney", "Nairobi",
+             "Boston", "Denver", "Toronto", "Havana", "Athens", "Warsaw", "Manila"),
+    "colour": ("red", "blue", "green", "yellow", "purple", "orange", "black", "white",
+               "grey", "pink", "brown", "silver"),
+    "pet": ("a cat", "a dog", "an owl", "a rabbit", "a parrot", "a hamster", "a turtle",
+            "a goldfish", "a horse", "an iguana", "a ferret", "a snake"),
+    "job": ("a baker", "a doctor", "a teacher", "an engineer", "a farmer", "a pilot",
+            "a painter", "a nurse", "a chef", "a librarian", "a lawyer", "a dentist",
+            "a plumber", "a singer", "a sailor", "a tailor"),
+    "year": tuple(str(y) for y in range(1950, 2000)),
+}
+_FACT_TEMPLATES = {
+    "city": ("{name} lives in {v}.", "{name}'s home is in {v}.", "{name} is from {v}.",
+             "The city where {name} lives is {v}."),
+    "colour": ("{name}'s favourite colour is {v}.", "{name} likes {v} best.",
+               "Of all colours, {name} prefers {v}.", "The favourite colour of {name} is {v}."),
+    "pet": ("{name} has {v}.", "{name} keeps {v} as a pet.", "The pet of {name} is {v}.",
+            "{name} takes care of {v} at home."),
+    "job": ("{name} works as {v}.", "By profession, {name} is {v}.",
+            "{name} earns a living as {v}.", "The job of {name}: {v}."),
+    "year": ("{name} was born in {v}.", "{name}'s year of birth is {v}.",
+             "The birth year of {name} is {v}.", "{name} came into the world in {v}."),
+}
+
+
+def fact_people(n: int, seed: int = 0) -> list[tuple[str, dict[str, str]]]:
+  """`n` made-up people (unique two-word names) with one random value per attribute."""
+  rng = np.random.default_rng([seed, 1])
+  names, people = set(), []
+  while len(people) < n:
+    name = " ".join("".join(rng.choice(_SYLLABLES, rng.integers(2, 4))).capitalize()
+                    for _ in range(2))
+    facts = {a: str(rng.choice(values)) for a, values in FACT_VALUES.items()}
+    if name not in names:  # a repeated name would give one person two sets of facts
+      names.add(name)
+      people.append((name, facts))
+  return people
+
+
+def fact_documents(people: list[tuple[str, dict[str, str]]], copies: int,
+                   seed: int) -> list[str]:
+  """`copies` bios per person, in shuffled order: each states all of the person's facts,
+  in a random order and random phrasings, so two bios of one person are different texts."""
+  rng = np.random.default_rng([seed, 2])
+  docs = []
+  for name, facts in people:
+    for _ in range(copies):
+      order = rng.permutation(list(facts))
+      docs.append(" ".join(str(rng.choice(_FACT_TEMPLATES[a])).format(name=name, v=facts[a])
+                           for a in order))
+  return [docs[i] for i in rng.permutation(len(docs))]
+
+
+def write_fact_corpus(workdir: str, entities: int) -> tuple[str, str]:
+  """train.jsonl (20 bios per person) and eval.jsonl (one new bio per person) in `workdir`."""
+  people = fact_people(entities)
+  paths = []
+  for split, copies, seed in (("train", 20, 0), ("eval", 1, 1)):
+    path = os.path.join(workdir, f"facts_{entities}_{split}.jsonl")
+    if not os.path.exists(path):
+      with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in fact_documents(people, copies, seed))
+      os.replace(path + ".tmp", path)
+    paths.append(path)
+  return paths[0], paths[1]
+
+
+def fact_recall_nats(workdir: str, people: list[tuple[str, dict[str, str]]]) -> float:
+  """Mean nats a trained run spends on one fact's value: -log p(value | "<name> <phrasing>")
+  summed over the value's tokens (and its full stop), averaged over every person and
+  attribute, each asked in its first phrasing that ends with the value. 0 = every fact
+  known; `FACT_PRIOR_NATS` = none known (the model only knows the values' distribution)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from llmjax.runs.load import load_run
+  run_ = load_run(workdir)
+  tok, model = run_.tokenizer, nnx.merge(run_.graphdef, run_.params)
+  rows, spans = [], []
+  for name, facts in people:
+    for attribute, value in facts.items():
+      template = next(t for t in _FACT_TEMPLATES[attribute] if t.endswith("{v}."))
+      prefix = [tok.bos_id] + tok.encode(template.split(" {v}")[0].format(name=name))
+      full = [tok.bos_id] + tok.encode(template.format(name=name, v=value))
+      if full[:len(prefix)] != prefix:  # the value's first token merged with the prefix's
+        raise AssertionError(f"{template!r} does not tokenize as prefix + value for {name}")
+      rows.append(full)
+      spans.append((len(prefix), len(full)))
+  width = max(map(len, rows))
+  tokens = np.zeros((len(rows), width), np.int32)
+  segments = np.zeros((len(rows), width), np.int32)
+  for r, row in enumerate(rows):
+    tokens[r, :len(row)], segments[r, :len(row)] = row, 1
+  positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
+
+  @jax.jit
+  def logprobs(tokens, positions, segments):  # [rows, width - 1]: log p(tokens[:, i + 1])
+    logits = model(tokens, positions, segments)[:, :-1]
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+  logp = np.asarray(logprobs(tokens, positions, segments))
+  return float(-np.mean([logp[r, start - 1:end - 1].sum() for r, (start, end) in
+                         enumerate(spans)]))
+
+
+# What a model that knows no fact pays per fact: the entropy of the (uniform) values.
+FACT_PRIOR_NATS = float(np.mean([np.log(len(v)) for v in FACT_VALUES.values()]))
 
 
 def variants() -> dict:
   from llmjax.model.config import PRESETS
   moe = dataclasses.replace(PRESETS["tiny_moe"], d_ff_expert=FLAGS.d_ff_expert)
   dense = dataclasses.replace(PRESETS["tiny"], d_ff=moe.n_experts_per_token * moe.d_ff_expert)
-  return {"dense": dense, "moe": moe,
-          "moe_no_aux": dataclasses.replace(moe, router_aux_loss_coef=0.0),
-          "moe_capacity": dataclasses.replace(moe, moe_capacity_factor=1.25)}
+  out = {"dense": dense, "moe": moe,
+         "moe_no_aux": dataclasses.replace(moe, router_aux_loss_coef=0.0),
+         "moe_capacity": dataclasses.replace(moe, moe_capacity_factor=1.25)}
+  for d_ff in FLAGS.dense_d_ff:
+    out[f"dense_{d_ff}"] = dataclasses.replace(PRESETS["tiny"], d_ff=int(d_ff))
+  return out
 
 
-def run(name, cfg, workdir, tokenizer_path) -> dict:
+def run(name, cfg, workdir, tokenizer_path, data_paths) -> dict:
   from llmjax.data.pipeline import DataConfig
   from llmjax.metrics import read_metrics
   from llmjax.stages import RunContext, run_stages
@@ -54,16 +190,21 @@ def run(name, cfg, workdir, tokenizer_path) -> dict:
   from llmjax.train.optimizer import OptimizerConfig
 
   steps = FLAGS.steps
+  data = DataConfig(seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,
+                    eval_batches=FLAGS.eval_batches, seed=FLAGS.seed)
+  if data_paths:
+    data = dataclasses.replace(data, format="jsonl", train_paths=data_paths[:1],
+                               eval_paths=data_paths[1:])
   stage = Pretrain(
-      model=cfg,
-      data=DataConfig(seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size, eval_batches=4),
+      model=cfg, data=data,
       train=loop.TrainConfig(total_steps=steps, log_every=10, eval_every=steps,
-                             checkpoint_every=steps),
+                             checkpoint_every=steps, seed=FLAGS.seed),
       optimizer=OptimizerConfig(learning_rate=FLAGS.learning_rate, warmup_steps=steps // 10,
                                 weight_decay=0.1),
       tokenizer=TokenizerConfig(path=tokenizer_path))
   out = os.path.join(workdir, name)
   run_stages([stage], RunContext(workdir=out))
+  recall = fact_recall_nats(out, fact_people(FLAGS.entities)) if data_paths else None
   records = read_metrics(out)
   train = [r for r in records if r["kind"] == "train"]
   (final,) = [r for r in records if r["kind"] == "eval"]
@@ -73,32 +214,41 @@ def run(name, cfg, workdir, tokenizer_path) -> dict:
           "eval_loss": final["loss"], "tokens_per_sec": statistics.median(
               r["tokens_per_sec"] for r in train if "tokens_per_sec" in r),
           "max_load": mean("moe/max_load"), "dropped": mean("moe/dropped_fraction"),
-          "lb_loss": mean("moe/load_balancing_loss")}
+          "lb_loss": mean("moe/load_balancing_loss"), "fact_nats": recall}
 
 
 def main(_):
   from llmjax.data import synthetic
   from llmjax.data.tokenizer import train_tokenizer
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="moe_bench_")
-  tokenizer_path = os.path.join(workdir, "tokenizer.model")
+  os.makedirs(workdir, exist_ok=True)
+  if FLAGS.data == "facts":
+    data_paths = write_fact_corpus(workdir, FLAGS.entities)
+    tokenizer_path = os.path.join(workdir, f"facts_{FLAGS.entities}_tokenizer.model")
+    documents = fact_documents(fact_people(FLAGS.entities), 1, 0)
+  else:
+    data_paths = ()
+    tokenizer_path = os.path.join(workdir, "tokenizer.model")
+    documents = synthetic.pretraining_documents("train", 2000)
   if not os.path.exists(tokenizer_path):
-    train_tokenizer(synthetic.pretraining_documents("train", 2000), tokenizer_path,
-                    vocab_size=512)
+    train_tokenizer(documents, tokenizer_path, vocab_size=512)
   rows = []
-  for name in FLAGS.variants:
-    r = run(name, variants()[name], workdir, tokenizer_path)
+  for name in FLAGS.variants + [f"dense_{d}" for d in FLAGS.dense_d_ff]:
+    r = run(f"{name}_seed{FLAGS.seed}", variants()[name], workdir, tokenizer_path, data_paths)
     step_ms = 1000 * FLAGS.batch_size * FLAGS.seq_len / r["tokens_per_sec"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)
     rows.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | "
-                f"{r['eval_loss']:.3f} | {r['tokens_per_sec']:,.0f} | {step_ms:.1f} ms | "
+                f"{r['eval_loss']:.3f} | {fmt(r['fact_nats'], '.3f')} | "
+                f"{r['tokens_per_sec']:,.0f} | {step_ms:.1f} ms | "
                 f"{fmt(r['max_load'], '.2f')} | {fmt(r['lb_loss'], '.3f')} | "
                 f"{fmt(r['dropped'], '.3f')} |")
     print(rows[-1], flush=True)
-  print(f"\n{FLAGS.steps} steps of {FLAGS.batch_size}x{FLAGS.seq_len} tokens, experts of "
-        f"width {FLAGS.d_ff_expert}\n")
-  print("| variant | params | active | eval loss | tokens/s | step | max/mean load | "
-        "load-balancing loss | dropped |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print(f"\n{FLAGS.data} data, {FLAGS.steps} steps of {FLAGS.batch_size}x{FLAGS.seq_len} "
+        f"tokens, experts of width {FLAGS.d_ff_expert}, seed {FLAGS.seed}; fact nats: "
+        f"{FACT_PRIOR_NATS:.3f} = no fact known\n")
+  print("| variant | params | active | eval loss | fact nats | tokens/s | step | "
+        "max/mean load | load-balancing loss | dropped |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
 
 
