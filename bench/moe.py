@@ -15,15 +15,18 @@ quarter of the logged steps.
 
   python bench/moe.py --steps=200 --batch_size=8 --seq_len=128
 
---data=facts trains on a capacity-limited corpus instead of the built-in world: short bios
-of --entities made-up people, each with five random attributes (`fact_documents`), written
-as JSONL into the workdir and read through the ordinary user-data path (DataConfig
-format=jsonl). Eval bios restate the same facts in new documents (another attribute order
-and other phrasings), so the eval loss measures how many facts the model has stored.
---dense_d_ff adds dense rows of other widths, to check that the data is capacity-limited
-(a wider dense model must do clearly better, or there is nothing for the MoE to win).
+--data=facts trains on a corpus where capacity matters instead of the built-in world: bios
+of --entities made-up people, each with five random attributes (`fact_bios`), written as
+JSONL into the workdir and read through the ordinary user-data path (DataConfig
+format=jsonl). The eval bios restate the same facts in new documents (another attribute
+order and other phrasings). The table then splits the eval bios' loss (`fact_losses`):
+nats per fact (summed over a stated value's tokens: what the model has stored) and nats per
+other token (names and phrasing: no fact knowledge needed). --dense_d_ff adds dense rows of
+other widths, to check that width pays on the data (a wider dense model must do clearly
+better, or there is nothing for the MoE's extra parameters to win).
 
-  python bench/moe.py --data=facts --variants=dense,moe --d_ff_expert=32 --steps=600
+  python bench/moe.py --data=facts --entities=300 --variants=dense,moe --d_ff_expert=64 \
+      --dense_d_ff=512 --steps=600 --batch_size=16 --eval_batches=8 --seed=0
 """
 
 from __future__ import annotations
@@ -97,18 +100,30 @@ def fact_people(n: int, seed: int = 0) -> list[tuple[str, dict[str, str]]]:
   return people
 
 
-def fact_documents(people: list[tuple[str, dict[str, str]]], copies: int,
-                   seed: int) -> list[str]:
-  """`copies` bios per person, in shuffled order: each states all of the person's facts,
-  in a random order and random phrasings, so two bios of one person are different texts."""
+def fact_bios(people: list[tuple[str, dict[str, str]]], copies: int,
+              seed: int) -> list[tuple[str, list[tuple[int, int]]]]:
+  """`copies` bios per person, in shuffled order, each with the character spans of its five
+  values: a bio states all of the person's facts in a random order and random phrasings,
+  so two bios of one person are different texts."""
   rng = np.random.default_rng([seed, 2])
-  docs = []
+  bios = []
   for name, facts in people:
     for _ in range(copies):
-      order = rng.permutation(list(facts))
-      docs.append(" ".join(str(rng.choice(_FACT_TEMPLATES[a])).format(name=name, v=facts[a])
-                           for a in order))
-  return [docs[i] for i in rng.permutation(len(docs))]
+      text, spans = "", []
+      for attribute in rng.permutation(list(facts)):
+        template = str(rng.choice(_FACT_TEMPLATES[attribute]))
+        text += " " if text else ""
+        start = len(text) + len(template.split("{v}")[0].format(name=name))
+        spans.append((start, start + len(facts[attribute])))
+        text += template.format(name=name, v=facts[attribute])
+      bios.append((text, spans))
+  return [bios[i] for i in rng.permutation(len(bios))]
+
+
+def fact_documents(people: list[tuple[str, dict[str, str]]], copies: int,
+                   seed: int) -> list[str]:
+  """The texts of `fact_bios`."""
+  return [text for text, _ in fact_bios(people, copies, seed)]
 
 
 def write_fact_corpus(workdir: str, entities: int) -> tuple[str, str]:
@@ -125,32 +140,35 @@ def write_fact_corpus(workdir: str, entities: int) -> tuple[str, str]:
   return paths[0], paths[1]
 
 
-def fact_recall_nats(workdir: str, people: list[tuple[str, dict[str, str]]]) -> float:
-  """Mean nats a trained run spends on one fact's value: -log p(value | "<name> <phrasing>")
-  summed over the value's tokens (and its full stop), averaged over every person and
-  attribute, each asked in its first phrasing that ends with the value. 0 = every fact
-  known; `FACT_PRIOR_NATS` = none known (the model only knows the values' distribution)."""
+def fact_losses(workdir: str, people: list[tuple[str, dict[str, str]]]) -> tuple[float, float]:
+  """(nats per fact, nats per other token) a trained run spends on the eval bios (one per
+  person, as in eval.jsonl): the first is -log p summed over the tokens of each stated
+  value, averaged over the facts (0: every fact known; `FACT_PRIOR_NATS`: none known, only
+  the values' distribution); the second is the mean over every other token (names, phrasing,
+  eos), which takes no knowledge of the facts."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from llmjax.runs.load import load_run
   run_ = load_run(workdir)
-  tok, model = run_.tokenizer, nnx.merge(run_.graphdef, run_.params)
-  rows, spans = [], []
-  for name, facts in people:
-    for attribute, value in facts.items():
-      template = next(t for t in _FACT_TEMPLATES[attribute] if t.endswith("{v}."))
-      prefix = [tok.bos_id] + tok.encode(template.split(" {v}")[0].format(name=name))
-      full = [tok.bos_id] + tok.encode(template.format(name=name, v=value))
-      if full[:len(prefix)] != prefix:  # the value's first token merged with the prefix's
-        raise AssertionError(f"{template!r} does not tokenize as prefix + value for {name}")
-      rows.append(full)
-      spans.append((len(prefix), len(full)))
+  model = nnx.merge(run_.graphdef, run_.params)
+  sp = run_.tokenizer._sp  # the SentencePiece processor: its pieces carry byte offsets
+  bios = fact_bios(people, 1, seed=1)
+  rows, is_value = [], []
+  for text, spans in bios:
+    pieces = sp.encode(text, return_type="proto").pieces
+    rows.append([sp.bos_id()] + [p.id for p in pieces] + [sp.eos_id()])
+    # The text is ASCII, so byte offsets are character offsets.
+    is_value.append([any(p.begin < end and start < p.end for start, end in spans)
+                     for p in pieces] + [False])
   width = max(map(len, rows))
   tokens = np.zeros((len(rows), width), np.int32)
   segments = np.zeros((len(rows), width), np.int32)
+  value_mask = np.zeros((len(rows), width - 1), bool)
   for r, row in enumerate(rows):
     tokens[r, :len(row)], segments[r, :len(row)] = row, 1
+    value_mask[r, :len(row) - 1] = is_value[r]
+  other_mask = (segments[:, 1:] > 0) & ~value_mask
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
 
   @jax.jit
@@ -159,9 +177,9 @@ def fact_recall_nats(workdir: str, people: list[tuple[str, dict[str, str]]]) -> 
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
-  logp = np.asarray(logprobs(tokens, positions, segments))
-  return float(-np.mean([logp[r, start - 1:end - 1].sum() for r, (start, end) in
-                         enumerate(spans)]))
+  nll = -np.asarray(logprobs(tokens, positions, segments))
+  facts = sum(len(spans) for _, spans in bios)
+  return float(nll[value_mask].sum() / facts), float(nll[other_mask].mean())
 
 
 # What a model that knows no fact pays per fact: the entropy of the (uniform) values.
@@ -204,7 +222,8 @@ def run(name, cfg, workdir, tokenizer_path, data_paths) -> dict:
       tokenizer=TokenizerConfig(path=tokenizer_path))
   out = os.path.join(workdir, name)
   run_stages([stage], RunContext(workdir=out))
-  recall = fact_recall_nats(out, fact_people(FLAGS.entities)) if data_paths else None
+  fact_nats, other_nats = (fact_losses(out, fact_people(FLAGS.entities)) if data_paths
+                           else (None, None))
   records = read_metrics(out)
   train = [r for r in records if r["kind"] == "train"]
   (final,) = [r for r in records if r["kind"] == "eval"]
@@ -214,7 +233,8 @@ def run(name, cfg, workdir, tokenizer_path, data_paths) -> dict:
           "eval_loss": final["loss"], "tokens_per_sec": statistics.median(
               r["tokens_per_sec"] for r in train if "tokens_per_sec" in r),
           "max_load": mean("moe/max_load"), "dropped": mean("moe/dropped_fraction"),
-          "lb_loss": mean("moe/load_balancing_loss"), "fact_nats": recall}
+          "lb_loss": mean("moe/load_balancing_loss"), "fact_nats": fact_nats,
+          "other_nats": other_nats}
 
 
 def main(_):
@@ -239,16 +259,17 @@ def main(_):
     fmt = lambda v, f: "n/a" if v is None else format(v, f)
     rows.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | "
                 f"{r['eval_loss']:.3f} | {fmt(r['fact_nats'], '.3f')} | "
+                f"{fmt(r['other_nats'], '.3f')} | "
                 f"{r['tokens_per_sec']:,.0f} | {step_ms:.1f} ms | "
                 f"{fmt(r['max_load'], '.2f')} | {fmt(r['lb_loss'], '.3f')} | "
                 f"{fmt(r['dropped'], '.3f')} |")
     print(rows[-1], flush=True)
   print(f"\n{FLAGS.data} data, {FLAGS.steps} steps of {FLAGS.batch_size}x{FLAGS.seq_len} "
-        f"tokens, experts of width {FLAGS.d_ff_expert}, seed {FLAGS.seed}; fact nats: "
+        f"tokens, experts of width {FLAGS.d_ff_expert}, seed {FLAGS.seed}; nats/fact: "
         f"{FACT_PRIOR_NATS:.3f} = no fact known\n")
-  print("| variant | params | active | eval loss | fact nats | tokens/s | step | "
-        "max/mean load | load-balancing loss | dropped |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| variant | params | active | eval loss | nats/fact | nats/other token | tokens/s | "
+        "step | max/mean load | load-balancing loss | dropped |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
 
 

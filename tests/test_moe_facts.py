@@ -36,3 +36,12 @@ def stated(doc: str, name: str, facts: dict[str, str]) -> bool:
   attributes = [a for s in sentences for a, templates in moe._FACT_TEMPLATES.items()
                 if s in {t.format(name=name, v=facts[a]) for t in templates}]
   return sorted(attributes) == sorted(facts) == sorted(moe.FACT_VALUES)
+
+
+def test_value_spans_mark_the_values():
+  people = moe.fact_people(20)
+  bios = moe.fact_bios(people, 2, seed=3)
+  assert [text for text, _ in bios] == moe.fact_documents(people, 2, seed=3)
+  for text, spans in bios:
+    (facts,) = [f for name, f in people if stated(text, name, f)]
+    assert sorted(text[a:b] for a, b in spans) == sorted(facts.values())
