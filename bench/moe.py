@@ -48,15 +48,15 @@ flags.DEFINE_list("variants", ["dense", "moe", "moe_no_aux", "moe_capacity"], "w
 flags.DEFINE_integer("d_ff_expert", 128, "expert width (the dense model's d_ff is top-k times it)")
 flags.DEFINE_string("workdir", None, "where the runs go (default: a temporary directory)")
 flags.DEFINE_enum("data", "builtin", ["builtin", "facts"], "the built-in world, or the "
-                  "capacity-limited fact corpus (`fact_documents`)")
-flags.DEFINE_integer("entities", 2000, "--data=facts: people in the fact corpus")
+                  "fact corpus (`fact_bios`), where MLP width pays")
+flags.DEFINE_integer("entities", 300, "--data=facts: people in the fact corpus")
 flags.DEFINE_list("dense_d_ff", [], "extra dense variants of these MLP widths")
 flags.DEFINE_integer("seed", 0, "parameter init and data order")
 flags.DEFINE_integer("eval_batches", 4, "held-out batches per evaluation")
 FLAGS = flags.FLAGS
 
-# The fact corpus: values are plain words the tokenizer learns whole; names are made up from
-# syllables, so a person is several tokens and nothing about a name predicts its attributes.
+# The fact corpus: values are common words; names are made up from syllables, so a person is
+# several tokens and nothing about a name predicts its attributes.
 _SYLLABLES = ("ka", "ro", "mi", "tal", "ven", "dor", "li", "sa", "bel", "nu", "gar", "fi",
               "zen", "po", "ru", "them", "wa", "xi", "lo", "mar", "de", "qua", "ish", "bo")
 FACT_VALUES = {
@@ -264,9 +264,9 @@ def main(_):
                 f"{fmt(r['max_load'], '.2f')} | {fmt(r['lb_loss'], '.3f')} | "
                 f"{fmt(r['dropped'], '.3f')} |")
     print(rows[-1], flush=True)
+  prior = f"; nats/fact {FACT_PRIOR_NATS:.3f} = no fact known" if data_paths else ""
   print(f"\n{FLAGS.data} data, {FLAGS.steps} steps of {FLAGS.batch_size}x{FLAGS.seq_len} "
-        f"tokens, experts of width {FLAGS.d_ff_expert}, seed {FLAGS.seed}; nats/fact: "
-        f"{FACT_PRIOR_NATS:.3f} = no fact known\n")
+        f"tokens, experts of width {FLAGS.d_ff_expert}, seed {FLAGS.seed}{prior}\n")
   print("| variant | params | active | eval loss | nats/fact | nats/other token | tokens/s | "
         "step | max/mean load | load-balancing loss | dropped |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
