@@ -352,6 +352,36 @@ class BatchSource:
     return {}
 
 
+@dataclasses.dataclass
+class _PendingRecord:
+  """A step's divergence mark and metrics, still device arrays, and its host-side metrics."""
+  step: int
+  bad: jax.Array  # the state's first_bad_step after this step
+  metrics: dict[str, jax.Array] | None  # None: only checked, not logged
+  host: dict[str, float]
+
+
+def _raise_diverged(stage: str, bad: int, checkpointer: ckpt_lib.Checkpointer,
+                    scaling: loss_scale_lib.LossScale | None, state: dict[str, Any]) -> None:
+  """Raises TrainingDivergedError for a run whose step `bad` was not finite. `state` may be a
+  later step's: after a bad step nothing in it changes (the loss scale included)."""
+  checkpointer.wait()
+  good = checkpointer.latest_step()
+  if scaling is not None and float(state["loss_scale"]["scale"]) < scaling.min_scale:
+    raise TrainingDivergedError(
+        f"{stage}: float16 gradients overflowed at step {bad} with the loss scale "
+        f"already at TrainConfig.loss_scale_min={scaling.min_scale:g} "
+        f"({int(state['loss_scale']['skipped_steps'])} steps skipped in all): the "
+        "model overflows float16 without any scaling. The parameters were not updated "
+        f"by it; the last good checkpoint is step {good} in {checkpointer.directory}. "
+        "Use ModelConfig.dtype='bfloat16' (float32's range) or 'float32'.")
+  raise TrainingDivergedError(
+      f"{stage}: the loss or gradient became NaN/Inf at step {bad}; the parameters "
+      f"were not updated by it. The last good checkpoint is step {good} in "
+      f"{checkpointer.directory}. Lower OptimizerConfig.learning_rate, check the data, "
+      "or use float32 compute.")
+
+
 def _log_pipeline(stage: str, pipeline: PipelineConfig, grad_accum_steps: int) -> None:
   """States the pipeline's expected bubble; warns when fewer microbatches than stages make
   it the larger part of every step."""
@@ -500,12 +530,18 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
         return fn(*args)
     return wrapped
 
-  step_fn = jax.jit(
-      with_activation_sharding(
-          make_train_step(graphdefs, tx, schedule, loss_fn, train_cfg.grad_accum_steps,
-                          scaling)),
-      in_shardings=(state_shard, f_shard, batch_shard), out_shardings=(state_shard, rep),
-      donate_argnums=0)
+  train_step = make_train_step(graphdefs, tx, schedule, loss_fn, train_cfg.grad_accum_steps,
+                               scaling)
+
+  def step_and_mark(state, frozen, batch):
+    # The divergence mark again, outside the state: the state is donated to the next step,
+    # and the loop reads the mark (with the metrics) after that step is queued.
+    new_state, metrics = train_step(state, frozen, batch)
+    return new_state, metrics, new_state["first_bad_step"]
+
+  step_fn = jax.jit(with_activation_sharding(step_and_mark),
+                    in_shardings=(state_shard, f_shard, batch_shard),
+                    out_shardings=(state_shard, rep, rep), donate_argnums=0)
   eval_fn = jax.jit(with_activation_sharding(make_eval_step(graphdefs, loss_fn)),
                     in_shardings=(t_shard, f_shard, batch_shard), out_shardings=rep)
   to_device = lambda batch: mesh_lib.host_batch_to_global(batch, batch_shard)
@@ -541,6 +577,34 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   peak = train_cfg.peak_flops_per_device or metrics_lib.peak_flops_per_device()
   step = first_step = int(state["step"])
   timer_start, timer_step = time.time(), step
+  # A logged step's record waits here, its metrics still on the device, until the next step
+  # is queued: the host then fetches and writes them while the device runs that step, where
+  # fetching at once would leave the device idle for the host's logging every logged step
+  # (at log_every=1 on a small model, a good part of each step).
+  pending: _PendingRecord | None = None
+
+  def finish(record: _PendingRecord) -> None:
+    """Stops the run if the record's step or an earlier one diverged; writes the record."""
+    nonlocal timer_start, timer_step
+    if int(record.bad) >= 0:
+      _raise_diverged(stage, int(record.bad), checkpointer, scaling, state)
+    if record.metrics is None:
+      return
+    m = {k: float(v) for k, v in jax.device_get(record.metrics).items()}
+    if "skipped_steps" in m:
+      m["skipped_steps"] = int(m["skipped_steps"])
+    # The step's outputs are on the host, so it is done: the time to here is its time.
+    elapsed = time.time() - timer_start
+    timed_steps = record.step - timer_step - (1 if timer_step == first_step else 0)
+    if timed_steps > 0 and tokens_per_step:
+      tps = tokens_per_step * timed_steps / max(elapsed, 1e-9)
+      m["tokens_per_sec"] = tps
+      if peak:
+        m["mfu"] = tps * flops_per_token / (peak * jax.device_count())
+    m.update(record.host)
+    writer.write(record.step, m)
+    timer_start, timer_step = time.time(), record.step
+
   with _StopRequest() as stop:
     while step < train_cfg.total_steps:
       if param_driven:
@@ -563,8 +627,11 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       if step == first_step:  # the first call compiles: minutes of silence on a large model
         logging.info("%s: compiling the train step...", stage)
         compile_start = time.time()
-      state, step_metrics = step_fn(state, frozen, to_device(batch))
+      state, step_metrics, bad = step_fn(state, frozen, to_device(batch))
       step += 1
+      if pending is not None:  # the previous logged step's, while this one runs
+        finish(pending)
+        pending = None
       if step == first_step + 1:  # keep the first step's compile out of tokens/s
         jax.block_until_ready(state)
         logging.info("%s: train step compiled and run once in %.1f s", stage,
@@ -572,44 +639,25 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
         timer_start = time.time()
       last = step == train_cfg.total_steps
       stopping = stop.requested or step == stop_after
-      if step % train_cfg.log_every == 0 or last or stopping or checkpointer.should_save(step):
-        bad = int(state["first_bad_step"])
-        if bad >= 0:
-          checkpointer.wait()
-          good = checkpointer.latest_step()
-          if scaling is not None and float(state["loss_scale"]["scale"]) < scaling.min_scale:
-            raise TrainingDivergedError(
-                f"{stage}: float16 gradients overflowed at step {bad} with the loss scale "
-                f"already at TrainConfig.loss_scale_min={scaling.min_scale:g} "
-                f"({int(state['loss_scale']['skipped_steps'])} steps skipped in all): the "
-                "model overflows float16 without any scaling. The parameters were not updated "
-                f"by it; the last good checkpoint is step {good} in {checkpointer.directory}. "
-                "Use ModelConfig.dtype='bfloat16' (float32's range) or 'float32'.")
-          raise TrainingDivergedError(
-              f"{stage}: the loss or gradient became NaN/Inf at step {bad}; the parameters "
-              f"were not updated by it. The last good checkpoint is step {good} in "
-              f"{checkpointer.directory}. Lower OptimizerConfig.learning_rate, check the data, "
-              "or use float32 compute.")
-      if step % train_cfg.log_every == 0 or last:
-        m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if "skipped_steps" in m:
-          m["skipped_steps"] = int(m["skipped_steps"])
-        jax.block_until_ready(state)
-        elapsed = time.time() - timer_start
-        timed_steps = step - timer_step - (1 if timer_step == first_step else 0)
-        if timed_steps > 0 and tokens_per_step:
-          tps = tokens_per_step * timed_steps / max(elapsed, 1e-9)
-          m["tokens_per_sec"] = tps
-          if peak:
-            m["mfu"] = tps * flops_per_token / (peak * jax.device_count())
-        if pipeline is not None:
-          # Useful FLOPs only count toward mfu, so the bubble lowers it; this is the share
-          # of each step the formula says the stages spend in it.
-          m["pipeline_bubble"] = pipeline.bubble
-        if param_driven:
-          m.update(data_iter.metrics())
-        writer.write(step, m)
-        timer_start, timer_step = time.time(), step
+      logged = step % train_cfg.log_every == 0 or last
+      # Before a checkpoint, an evaluation or the end, the step is checked (and its record
+      # written) at once: nothing is saved or evaluated after a diverged step.
+      now = (last or stopping or checkpointer.should_save(step)
+             or step % train_cfg.eval_every == 0)
+      if logged or now:
+        host = {}
+        if logged:
+          if pipeline is not None:
+            # Useful FLOPs only count toward mfu, so the bubble lowers it; this is the share
+            # of each step the formula says the stages spend in it.
+            host["pipeline_bubble"] = pipeline.bubble
+          if param_driven:  # now: the next rollout's metrics are not this step's
+            host.update(data_iter.metrics())
+        record = _PendingRecord(step, bad, step_metrics if logged else None, host)
+        if now:
+          finish(record)
+        else:
+          pending = record
       if step % train_cfg.eval_every == 0 or last:
         evaluate(step)
       if checkpointer.should_save(step) or last or stopping:
