@@ -7,7 +7,8 @@ then runs the same commands in a fresh workdir, killing them with SIGKILL:
 
   random  at a random time after the start (mostly start-up: imports, restore, compile)
   steps   after a random number of this start's training steps, no checkpoint save in flight
-  save    while an async checkpoint save is in flight (Orbax's `<step>.orbax-checkpoint-tmp`)
+  save    while a checkpoint save is in flight (Orbax's `<step>.orbax-checkpoint-tmp`): an
+          async one, or with --saves=sync a synchronous one (training paused until it is done)
   delete  while the oldest checkpoint is being deleted (a save committed a 4th one; 3 are kept)
   export  while `llmjax-export` writes its temporary folder beside --output
 
@@ -19,16 +20,21 @@ Checked:
     "Resumed <stage> from step N"; no line: from scratch, when there was none)
   - every checkpoint left on disk restores (params, train state, data iterator state, meta)
   - steps lost (steps done at the kill - step resumed from) are at most checkpoint_every,
-    plus the steps run while an unfinished async save was in flight (see `Kill.bound`)
+    plus the steps run while an unfinished async save was in flight (see `Kill.bound`); with
+    synchronous saves (--saves=sync: TrainConfig.async_checkpoints=False) at most
+    checkpoint_every, and no step ran while a save was unfinished
   - a killed export leaves no folder at --output, or a complete one (killed after its rename)
   - the finished run's parameters, optimizer state, RNG and data-iterator state equal the
     reference's bit for bit, so do its per-step losses, and its export is byte-identical
+    (the reference always saves asynchronously, the default: so the save mode changes no
+    number either)
 
   python bench/chaos.py --stages=pretrain,sft,dpo,grpo --kills=25 --seed=0 \
-      --workdir=/tmp/chaos
+      --workdir=/tmp/chaos [--saves=sync]
 
 prints one row per kill, a table per stage and a markdown summary (bench/RESULTS.md).
-tests/test_chaos.py runs `run_stage` with 3 kills of pretrain.
+tests/test_chaos.py runs `run_stage` with 3 kills of pretrain (two during saves: an async
+one, a synchronous one).
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ PHASES = ("random", "steps", "save", "delete", "export")
 # Shares of the planned kills; a remainder goes to the phases in this order.
 PHASE_SHARES = {"save": 0.24, "steps": 0.24, "export": 0.2, "delete": 0.16, "random": 0.16}
 KEEP = 3  # TrainConfig.keep_checkpoints: a 4th committed step means the oldest is deleted
+# How the killed starts save (TrainConfig.async_checkpoints): 'alternate' switches at each
+# start of a round, async first (a run resumed with the other setting).
+SAVES = ("async", "sync", "alternate")
 
 RESUMED = re.compile(r"Resumed (\S+) from step (\d+)")
 PROGRESS = re.compile(r"^\[(\S+)\] \|[#.]*\| (\d+)/(\d+)")
@@ -74,12 +83,15 @@ class StageSpec:
   scope: str  # gin scope of its TrainConfig ('' for the unscoped one)
   start: str | None  # the base run's stage it starts from (None: a random init)
 
-  def command(self, workdir: str, steps: int, every: int, base: str | None) -> list[str]:
+  def command(self, workdir: str, steps: int, every: int, base: str | None,
+              sync_saves: bool = False) -> list[str]:
     train = f"{self.scope}/TrainConfig" if self.scope else "TrainConfig"
     args = [f"--workdir={workdir}", f"--gin_file=experiments/tiny/{self.gin_file}",
             TINY_MODEL, f"--gin.{train}.total_steps={steps}",
             f"--gin.{train}.checkpoint_every={every}", f"--gin.{train}.log_every=1",
             f"--gin.{train}.eval_every={steps}", *self.bindings]
+    if sync_saves:
+      args.append(f"--gin.{train}.async_checkpoints=False")
     if self.start:
       args.append(f"--gin.{self.name}.init_from='{base}:{self.start}'")
     return TRAIN + args
@@ -436,6 +448,7 @@ class Kill:
   step: int | None = None  # the last step the killed start completed (train kills)
   in_flight: int | None = None  # the step whose save was in flight at the kill
   last_complete: int | None = None  # newest committed checkpoint after the kill (0: none)
+  sync_saves: bool = False  # the killed start saved synchronously
   resumed: int | None = None  # what the next start restored
   unusable: dict[int, str] = dataclasses.field(default_factory=dict)
   # Export kills: what is at --output after it: 'none', 'previous' (the complete folder an
@@ -452,10 +465,13 @@ class Kill:
   @property
   def bound(self) -> int | None:
     """The most steps this kill may lose: checkpoint_every, plus the steps run since the
-    save in flight began (an async save not yet committed leaves the one before it)."""
+    save in flight began (an async save not yet committed leaves the one before it); with
+    synchronous saves, checkpoint_every."""
     if self.step is None:
       return None
-    return self.every + max(0, self.step - self.in_flight) if self.in_flight else self.every
+    if self.sync_saves or not self.in_flight:
+      return self.every
+    return self.every + max(0, self.step - self.in_flight)
 
   @property
   def problems(self) -> list[str]:
@@ -465,27 +481,31 @@ class Kill:
         p.append(f"resumed from {self.resumed}, last complete checkpoint {self.last_complete}")
       if self.lost > self.bound:
         p.append(f"lost {self.lost} steps > {self.bound}")
+      if self.sync_saves and self.in_flight is not None and self.step > self.in_flight:
+        p.append(f"step {self.step} ran before the synchronous save of {self.in_flight} ended")
     if self.export_left == "INCOMPLETE":
       p.append("an incomplete export at --output")
     return p
 
   def row(self) -> str:
     fmt = lambda v: "-" if v is None else str(v)
-    return (f"| {self.stage} | {self.round} | {self.planned} | {self.phase} | "
+    saves = "-" if self.planned == "export" else "sync" if self.sync_saves else "async"
+    return (f"| {self.stage} | {self.round} | {saves} | {self.planned} | {self.phase} | "
             f"{self.at_s:.2f} | {fmt(self.step)} | {fmt(self.in_flight)} | "
             f"{fmt(self.last_complete)} | {fmt(self.resumed)} | {fmt(self.lost)} | "
             f"{len(self.unusable)} | {fmt(self.export_left)} | "
             f"{'; '.join(self.problems) or 'ok'} |")
 
 
-KILL_HEADER = ("| stage | round | planned | phase | at s | step | save in flight | "
+KILL_HEADER = ("| stage | round | saves | planned | phase | at s | step | save in flight | "
                "last complete | resumed | lost | unusable | export left | result |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 @dataclasses.dataclass
 class StageResult:
   stage: str
+  saves: str  # one of SAVES
   command: str
   export: str
   every: int
@@ -556,12 +576,18 @@ class _StageChaos:
   """One stage: the reference run, then rounds of killed and restarted runs (`run_stage`)."""
 
   def __init__(self, spec: StageSpec, workdir: str, kills: int, seed: int, steps: int,
-               every: int, base: str | None):
+               every: int, base: str | None, saves: str = "async",
+               phases: list[str] | None = None):
+    if saves not in SAVES:
+      raise ValueError(f"unknown saves {saves!r}; choose from {SAVES}")
     self.spec, self.workdir, self.steps, self.every, self.base = spec, workdir, steps, every, base
+    self.saves = saves
     self.rng = random.Random(seed)
-    self.todo = plan(kills, self.rng)  # phases still to kill in
-    self.kills = kills
-    self.result = StageResult(spec.name, shown(spec.command("RUN", steps, every, base)),
+    # Phases still to kill in.
+    self.todo = list(phases) if phases is not None else plan(kills, self.rng)
+    self.kills = len(self.todo)
+    command = spec.command("RUN", steps, every, base, sync_saves=saves == "sync")
+    self.result = StageResult(spec.name, saves, shown(command),
                               shown(export_command("RUN", "RUN_export")), every, steps, [], 0,
                               [], [], [], [], [], 0.0)
     self.started = 0  # processes, numbering their logs
@@ -596,9 +622,12 @@ class _StageChaos:
     """Starts the stage in `run` until a start is not killed: each start takes the next
     planned training kill. False if a start failed."""
     ckpt_dir = os.path.join(run, "checkpoints", self.spec.name)
-    cmd = self.spec.command(run, self.steps, self.every, self.base)
     pending: list[Kill] = []  # kills whose restart has not yet shown where it resumed
+    starts = 0
     while True:
+      sync = self.saves == "sync" or (self.saves == "alternate" and starts % 2 == 1)
+      starts += 1
+      cmd = self.spec.command(run, self.steps, self.every, self.base, sync_saves=sync)
       planned = next((p for p in self.todo if p != "export"), None)
       w = self.start(cmd, f"round{r}_train", ckpt_dir=ckpt_dir, total_steps=self.steps)
       done = checkpoint_steps(ckpt_dir)[0]
@@ -622,7 +651,7 @@ class _StageChaos:
       kill = Kill(self.spec.name, r, planned, phase, w.elapsed(),
                   step=w.step or (w.resumed or 0),
                   in_flight=max(in_flight) if in_flight else None,
-                  last_complete=max(done) if done else 0,
+                  last_complete=max(done) if done else 0, sync_saves=sync,
                   unusable=unusable_checkpoints(ckpt_dir), every=self.every)
       if kill.in_flight is not None and not w.steps_here:
         kill.in_flight = None  # a leftover of an earlier kill (a start cleans them up first)
@@ -695,18 +724,23 @@ class _StageChaos:
 
 
 def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, every: int,
-              base: str | None = None) -> StageResult:
+              base: str | None = None, saves: str = "async",
+              phases: list[str] | None = None) -> StageResult:
   """The reference run and export, then `kills` kills of the same commands in rounds (a
   fresh workdir each, trained to the end and exported); see the module doc for what is
-  checked. `workdir` is this stage's own folder; what is in it is deleted first."""
+  checked. `workdir` is this stage's own folder; what is in it is deleted first.
+
+  `saves`: how the killed starts save (SAVES; the reference saves asynchronously).
+  `phases`: the kills to make, in this order, instead of `kills` planned at random.
+  """
   t0 = time.time()
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(os.path.join(workdir, "logs"))
-  chaos = _StageChaos(spec, workdir, kills, seed, steps, every, base)
+  chaos = _StageChaos(spec, workdir, kills, seed, steps, every, base, saves, phases)
   chaos.reference()
   res = chaos.result
   while chaos.todo and not res.errors:
-    if res.rounds == kills + 2:  # each round but the last should take a kill at least
+    if res.rounds == chaos.kills + 2:  # each round but the last should take a kill at least
       res.errors.append(f"kills not made after {res.rounds} rounds: {chaos.todo}")
       break
     res.rounds += 1
@@ -721,16 +755,16 @@ def run_stage(spec: StageSpec, workdir: str, kills: int, seed: int, steps: int, 
 def summary_table(results: list[StageResult]) -> str:
   """One row per stage: kills by the phase they hit, then what the checks found."""
   phases = ("startup", "steps", "save", "delete", "final", "export", "export-other")
-  lines = ["| stage | kills | " + " | ".join(phases) + " | corrupt checkpoints or exports | "
+  lines = ["| stage | saves | kills | " + " | ".join(phases) + " | corrupt checkpoints or exports | "
            "wrong resume step | lost > checkpoint_every | lost > bound | max lost (every) | "
            "bit-equal to uninterrupted | rounds | wall |",
-           "|---" * (len(phases) + 11) + "|"]
+           "|---" * (len(phases) + 12) + "|"]
   for res in results:
     lost = [k.lost for k in res.kills if k.lost is not None]
     same = all(res.bit_equal) and all(res.losses_equal) and all(res.export_equal)
     counts = " | ".join(str(sum(1 for k in res.kills if k.phase == p)) for p in phases)
     lines.append(
-        f"| {res.stage} | {len(res.kills)} | {counts} | {res.corrupt} | {res.wrong_resume} | "
+        f"| {res.stage} | {res.saves} | {len(res.kills)} | {counts} | {res.corrupt} | {res.wrong_resume} | "
         f"{res.over_every} | {res.over_bound} | {max(lost, default=0)} ({res.every}) | "
         f"{'yes' if same and res.bit_equal else 'NO'} | {res.rounds} | "
         f"{res.wall_s / 60:.1f} min |")
@@ -745,6 +779,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--steps", type=int, default=60, help="total steps of each run")
   parser.add_argument("--every", type=int, default=10, help="checkpoint_every")
+  parser.add_argument("--saves", choices=SAVES, default="async",
+                      help="how the killed runs save: async (the default TrainConfig), sync "
+                      "(TrainConfig.async_checkpoints=False: a kill loses at most --every "
+                      "steps), alternate (switching at each restart)")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.workdir, "xla-cache"))
@@ -757,7 +795,7 @@ def main(argv: list[str]) -> int:
   results = []
   for i, name in enumerate(stages):
     res = run_stage(STAGES[name], os.path.join(args.workdir, name), args.kills,
-                    args.seed + i, args.steps, args.every, base)
+                    args.seed + i, args.steps, args.every, base, args.saves)
     results.append(res)
     for k in res.kills:
       print(k.row(), flush=True)

@@ -86,7 +86,11 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-  """Saves every `every` steps (asynchronously), keeps the newest `keep`.
+  """Saves every `every` steps, keeps the newest `keep`.
+
+  `async_save`: `save` returns once the arrays are copied to host memory and the files are
+  written in the background (committed by the next save, `wait` or `close`); False: `save`
+  returns only when the step is committed on disk (TrainConfig.async_checkpoints).
 
   `read_only`: for reading another process's run (export, generation, a stage's start). It
   changes nothing on disk: a writer deletes unfinished saves when it opens the folder, which
@@ -137,7 +141,8 @@ class Checkpointer:
     return step % self.every == 0
 
   def save(self, step: int, state: Any, data_iter: Any | None, meta: dict[str, Any]) -> None:
-    """Starts an async save of `state` (a dict with 'params') and the iterator position."""
+    """Saves `state` (a dict with 'params') and the iterator position: started (async_save)
+    or committed (not) on return."""
     train = {k: v for k, v in state.items() if k != "params"}
     items = {"params": ocp.args.StandardSave(state["params"]),
              "train": ocp.args.StandardSave(train), "meta": ocp.args.JsonSave(meta)}

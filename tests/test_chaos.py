@@ -1,6 +1,7 @@
 """The crash harness (bench/chaos.py), small: the tiny pretrain command killed with SIGKILL
-three times (during training steps, during an async checkpoint save, during its export) and
-restarted each time, against an uninterrupted run of the same command."""
+three times (during an async checkpoint save, during a synchronous one: the next start set
+TrainConfig.async_checkpoints=False; during its export) and restarted each time, against an
+uninterrupted run of the same command."""
 
 import os
 import shutil
@@ -21,19 +22,26 @@ from llmjax.runs.load import load_run
 def chaos_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("chaos"))
   return workdir, chaos.run_stage(chaos.STAGES["pretrain"], workdir, kills=3, seed=0,
-                                  steps=20, every=5)
+                                  steps=20, every=5, saves="alternate",
+                                  phases=["save", "save", "export"])
 
 
 def test_killed_run_resumes_exactly(chaos_run):
   _, result = chaos_run
   assert not result.errors, result.errors
-  assert sorted(k.planned for k in result.kills) == ["export", "save", "steps"]
-  (save,) = [k for k in result.kills if k.planned == "save"]
-  assert save.phase == "save" and save.in_flight is not None  # the save window was hit
+  assert [k.planned for k in result.kills] == ["save", "save", "export"]
+  saves = result.kills[:2]
+  assert [k.sync_saves for k in saves] == [False, True]
+  for save in saves:
+    assert save.phase == "save" and save.in_flight is not None  # the save window was hit
   for kill in result.kills:
     assert kill.problems == [], kill.row()
     if kill.planned != "export":  # the restart resumed from the newest complete checkpoint
       assert kill.resumed == kill.last_complete and kill.lost <= kill.bound
+  # Killed during a synchronous save: training had waited for it, so no step past it ran,
+  # and no more than checkpoint_every steps were lost.
+  sync = saves[1]
+  assert sync.step == sync.in_flight and sync.lost <= 5 and sync.bound == 5
   assert result.corrupt == 0
   # Parameters, optimizer state, RNG and data position; every step's loss; the export.
   assert result.bit_equal == result.losses_equal == result.export_equal == [True]

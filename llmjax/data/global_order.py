@@ -87,13 +87,24 @@ class GlobalOrderIterator:
                       "resume with the data config it was written with, or a new --workdir")
     try:
       for name, it in zip(self._names, self._iters):
-        it.set_state(saved[name])
+        it.set_state(_tuples(saved[name]))
     except (KeyError, TypeError, ValueError) as e:
       raise DataError(f"the saved data position does not fit this data pipeline ({e}): resume "
                       "with the data config it was written with") from None
 
   def start_prefetch(self) -> None:
     """Called by the checkpoint handler after a restore; nothing is prefetched."""
+
+
+def _tuples(state: Any) -> Any:
+  """`state` read back from JSON with its lists as the tuples grain wrote: grain's packer
+  compares its remainder slices with the tuple (-1, -1), and a list [-1, -1] restored a
+  position without a remainder as one with it (the next row read a document too far)."""
+  if isinstance(state, dict):
+    return {k: _tuples(v) for k, v in state.items()}
+  if isinstance(state, list):
+    return tuple(_tuples(v) for v in state)
+  return state
 
 
 def _stack(rows: list[Batch]) -> Batch:

@@ -113,6 +113,25 @@ def has_checkpoint(workdir: str, stage: str) -> bool:
   return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
+def recorded_tokenizer(workdir: str, stage: str | None = None) -> str | None:
+  """The tokenizer file (a name inside `workdir`) the run's checkpoints record in their meta:
+  `stage`'s latest checkpoint first, then the other stages' (pipeline order). None when no
+  checkpoint records one (a new run; an import saved without a tokenizer)."""
+  saved = saved_stages(workdir)
+  for name in dict.fromkeys(s for s in [stage, *read_stages(workdir), *saved] if s in saved):
+    if not has_checkpoint(workdir, name):
+      continue
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints", name), every=1, read_only=True)
+    try:
+      step = ckpt.latest_step()
+      tokenizer = ckpt.read_meta(step).get("tokenizer") if step is not None else None
+    finally:
+      ckpt.close()
+    if tokenizer:
+      return tokenizer
+  return None
+
+
 def default_stage(workdir: str) -> str:
   """The last stage of the run's pipeline that has a checkpoint; with no pipeline record,
   the only stage there is (an import, a quantized model). Otherwise an error that lists them."""

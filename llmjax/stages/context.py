@@ -13,7 +13,7 @@ from absl import logging
 
 from llmjax.data.hf_tokenizer import load_tokenizer
 from llmjax.data.tokenizer import Tokenizer, check_fits_model, same_vocabulary, train_tokenizer
-from llmjax.errors import ConfigError
+from llmjax.errors import CheckpointError, ConfigError
 from llmjax.model.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -27,8 +27,10 @@ RANDOM_INIT = "random"
 class TokenizerConfig:
   """Which tokenizer a run uses.
 
-  With `path` unset, the run trains a SentencePiece model on (up to `train_documents` of) its
-  own training documents and keeps it as `<workdir>/tokenizer.model`; a resumed run reuses it.
+  With `path` unset, a resumed run uses the tokenizer its checkpoints record (the copy of the
+  `path` it was started with, or the one it trained); a new run trains a SentencePiece model
+  on (up to `train_documents` of) its own training documents and keeps it as
+  `<workdir>/tokenizer.model`.
   """
   path: str | None = None
   vocab_size: int | None = None  # None: the model's vocab_size
@@ -196,13 +198,17 @@ class RunContext:
     `has_start`: `stage` starts from trained parameters, whose tokenizer it must use (never
     one trained afresh here).
     """
-    if self.tokenizer is None and has_start and not cfg.path:
-      raise ConfigError(f"{stage} starts from parameters without a tokenizer: set "
-                        "TokenizerConfig.path to the tokenizer the model was trained with")
     if self.tokenizer is None:
+      # Resumed without TokenizerConfig.path: the tokenizer the checkpoints were trained
+      # with, not a new one (a path that is not that one is refused by
+      # llmjax.cli.train.check_resumable).
+      path = cfg.path or self._recorded_tokenizer(stage)
+      if has_start and not path:
+        raise ConfigError(f"{stage} starts from parameters without a tokenizer: set "
+                          "TokenizerConfig.path to the tokenizer the model was trained with")
       local = os.path.join(self.workdir, TOKENIZER_FILE)
-      if cfg.path:
-        self.tokenizer = load_tokenizer(cfg.path)
+      if path:
+        self.tokenizer = load_tokenizer(path)
       elif os.path.exists(local):
         self.tokenizer = Tokenizer.load(local)
       else:
@@ -210,6 +216,19 @@ class RunContext:
     check_fits_model(self.tokenizer, model_cfg.vocab_size)
     self._keep_copy()
     return self.tokenizer
+
+  def _recorded_tokenizer(self, stage: str) -> str | None:
+    """The path of the tokenizer the workdir's checkpoints record (None: none do)."""
+    from llmjax.runs.load import recorded_tokenizer
+    name = recorded_tokenizer(self.workdir, stage or None)
+    if name is None:
+      return None
+    path = os.path.join(self.workdir, name)
+    if not os.path.isfile(path):
+      raise CheckpointError(f"{path} is missing: the checkpoints in {self.workdir} were "
+                            "trained with it; copy it back into the workdir, or set "
+                            "TokenizerConfig.path to a copy of it")
+    return path
 
   def tokenizer_file(self) -> str:
     """The tokenizer's file name inside the workdir (recorded in checkpoint metadata)."""

@@ -57,6 +57,11 @@ class TrainConfig:
   eval_every: int = 200
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
+  # True: a checkpoint is written in the background while training goes on (no pause), so a
+  # crash loses up to checkpoint_every steps plus those run while the newest save was still
+  # being written. False: training waits for each save to be complete (a pause of one
+  # save's time every checkpoint_every steps), so a crash loses at most checkpoint_every.
+  async_checkpoints: bool = True
   seed: int = 0  # parameter init and the state's RNG
   peak_flops_per_device: float | None = None  # for MFU where the chip is not in the table
   loss_chunk_size: int = 0  # >0: memory-lean loss over this many positions at a time
@@ -505,7 +510,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
 
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints/{stage}",
                                        every=train_cfg.checkpoint_every,
-                                       keep=train_cfg.keep_checkpoints)
+                                       keep=train_cfg.keep_checkpoints,
+                                       async_save=train_cfg.async_checkpoints)
   param_driven = isinstance(train_data, BatchSource)
   data_iter = train_data if param_driven else iter(train_data)
   meta = {"stage": stage, "model": dataclasses.asdict(model_cfg),

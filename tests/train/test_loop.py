@@ -27,11 +27,13 @@ from tests.conftest import TEST_MODEL
 DATA = pipeline.DataConfig(seq_len=32, batch_size=4, eval_batches=1)
 
 
-def stage(tokenizer_path, total_steps=6, every=3, accum=1, **model_overrides):
+def stage(tokenizer_path, total_steps=6, every=3, accum=1, async_checkpoints=True,
+          **model_overrides):
   return Pretrain(
       model=dataclasses.replace(TEST_MODEL, **model_overrides), data=DATA,
       train=loop.TrainConfig(total_steps=total_steps, log_every=1, eval_every=total_steps,
-                             checkpoint_every=every, grad_accum_steps=accum),
+                             checkpoint_every=every, grad_accum_steps=accum,
+                             async_checkpoints=async_checkpoints),
       optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
       tokenizer=TokenizerConfig(path=tokenizer_path))
 
@@ -50,13 +52,24 @@ def straight_run(tmp_path_factory, tokenizer_path):
   return workdir, params_of(run(workdir, stage(tokenizer_path)))
 
 
-def test_resume_after_interruption_is_exact(straight_run, tmp_path, tokenizer_path):
+def test_resume_after_interruption_is_exact(straight_run, tmp_path, tokenizer_path,
+                                            monkeypatch):
   _, expected = straight_run
-  s = stage(tokenizer_path)
-  first = run(tmp_path, s, stop_after=3)
+  committed_on_return = []
+  save = ckpt_lib.Checkpointer.save
+
+  def checked_save(self, step, *args):
+    save(self, step, *args)
+    committed_on_return.append(os.path.isdir(os.path.join(self.directory, str(step))))
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", checked_save)
+  # The first part saves synchronously: each save is committed before training goes on (a
+  # crash loses at most checkpoint_every steps), and the numbers are the async run's.
+  first = run(tmp_path, stage(tokenizer_path, async_checkpoints=False), stop_after=3)
+  assert committed_on_return == [True]
   assert first.outputs["pretrain"].params is not None
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints/pretrain"), 1).latest_step() == 3
-  resumed = params_of(run(tmp_path, s))  # a fresh process would do exactly this
+  resumed = params_of(run(tmp_path, stage(tokenizer_path)))  # as a fresh process would
   assert len(resumed) == len(expected)
   for a, b in zip(resumed, expected):
     np.testing.assert_array_equal(a, b)  # bit-for-bit: params, optimizer, RNG and data
