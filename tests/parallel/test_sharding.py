@@ -37,8 +37,14 @@ def load(path):
 
 
 @pytest.fixture(scope="module")
-def mesh_results():
-  return json.loads(finish(worker("meshes", "--devices=8")).strip().splitlines()[-1])
+def eight_devices():
+  """The worker's 8-device checks (meshes, accum on 4,1,2, sample on 1,2,4), one process."""
+  return json.loads(finish(worker("eight", "--devices=8")).strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mesh_results(eight_devices):
+  return eight_devices["meshes"]
 
 
 EXPECTED_SPECS = {
@@ -91,10 +97,10 @@ def test_expert_parallel_moe_matches_one_device(mesh_results, case):
   assert r["shard_map"]
 
 
-def test_microbatch_rows_replicated_over_data_are_counted_once():
-  # grad_accum 4 on 8 rows: 2 rows per microbatch over 4 data devices, so each microbatch
-  # is replicated over `data` while the vocab-parallel loss runs under shard_map.
-  r = json.loads(finish(worker("accum", "--mesh=4,1,2", "--devices=8")).strip().splitlines()[-1])
+def test_microbatch_rows_replicated_over_data_are_counted_once(eight_devices):
+  # grad_accum 4 on 8 rows: 2 rows per microbatch over 4 data devices (mesh 4,1,2), so each
+  # microbatch is replicated over `data` while the vocab-parallel loss runs under shard_map.
+  r = eight_devices["accum"]
   assert r["vocab_parallel_loss"]
   m, ref = r["metrics"], r["ref_metrics"]
   assert ref["target_tokens"] == r["expected_count"]
@@ -151,9 +157,8 @@ def test_checkpoint_restores_on_another_process_count_and_mesh(two_process_run):
   assert any("tensor" in s for s in info["specs"]) and not any("fsdp" in s for s in info["specs"])
 
 
-def test_sampler_on_a_sharded_model_matches_one_device():
-  out = finish(worker("sample", "--mesh=1,2,4", "--devices=8"))
-  r = json.loads(out.strip().splitlines()[-1])
+def test_sampler_on_a_sharded_model_matches_one_device(eight_devices):
+  r = eight_devices["sample"]  # mesh 1,2,4
   assert r["generated"] > 0 and r["tokens_equal"]
   assert r["logprob_max_diff"] < 1e-4
   assert r["sharded"] == "P('fsdp', 'tensor', None)"

@@ -2,6 +2,7 @@
 because the device count is fixed when jax starts).
 
   python tests/parallel/worker.py meshes
+  python tests/parallel/worker.py eight   # meshes, accum 4,1,2 and sample 1,2,4 in one process
   python tests/parallel/worker.py train --mesh=1,4,1 --workdir=W --out=F [--process_id=...]
   python tests/parallel/worker.py restore --mesh=1,1,2 --workdir=W --out=F
   python tests/parallel/worker.py accum --mesh=4,1,2
@@ -323,9 +324,21 @@ def moe_sample(prompts, kwargs):
           "generated": int(expected.lengths.sum())}
 
 
+# The 8-device checks of tests/parallel/test_sharding.py, with their meshes: one process runs
+# them all, sparing the suite an interpreter start and jax's initialisation per check.
+EIGHT_DEVICE_CHECKS = {"meshes": (meshes, None), "accum": (accum, "4,1,2"),
+                       "sample": (sample, "1,2,4")}
+
+
+def eight(args):
+  return {name: fn(argparse.Namespace(**{**vars(args), "mesh": mesh}))
+          for name, (fn, mesh) in EIGHT_DEVICE_CHECKS.items()}
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["meshes", "train", "restore", "sample", "accum"])
+  parser.add_argument("mode", choices=["meshes", "train", "restore", "sample", "accum",
+                                       "eight"])
   parser.add_argument("--mesh", default="1,1,1")
   parser.add_argument("--workdir")
   parser.add_argument("--out")
@@ -340,8 +353,8 @@ def main():
   if args.coordinator:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   result = {"meshes": meshes, "train": train, "restore": restore,
-            "sample": sample, "accum": accum}[args.mode](args)
-  if args.mode in ("meshes", "sample", "accum"):
+            "sample": sample, "accum": accum, "eight": eight}[args.mode](args)
+  if args.mode in ("meshes", "sample", "accum", "eight"):
     print(json.dumps(result))
   elif args.out and (args.process_id or 0) == 0:
     np.savez(args.out, *result.pop("params"))
