@@ -66,8 +66,8 @@ PHASES = ("random", "steps", "save", "delete", "export")
 # Shares of the planned kills; a remainder goes to the phases in this order.
 PHASE_SHARES = {"save": 0.24, "steps": 0.24, "export": 0.2, "delete": 0.16, "random": 0.16}
 KEEP = 3  # TrainConfig.keep_checkpoints: a 4th committed step means the oldest is deleted
-# How the killed starts save (TrainConfig.async_checkpoints): 'alternate' switches at each
-# start of a round, async first (a run resumed with the other setting).
+# How the killed starts save (TrainConfig.async_checkpoints): 'alternate' switches after each
+# kill, async first (so every kill's run is resumed with the other setting).
 SAVES = ("async", "sync", "alternate")
 
 RESUMED = re.compile(r"Resumed (\S+) from step (\d+)")
@@ -623,10 +623,11 @@ class _StageChaos:
     planned training kill. False if a start failed."""
     ckpt_dir = os.path.join(run, "checkpoints", self.spec.name)
     pending: list[Kill] = []  # kills whose restart has not yet shown where it resumed
-    starts = 0
     while True:
-      sync = self.saves == "sync" or (self.saves == "alternate" and starts % 2 == 1)
-      starts += 1
+      # Alternating by kills made, not by starts: a start that misses its planned kill (it
+      # ran to the end) leaves the next start, maybe in the next round, on the same mode.
+      sync = self.saves == "sync" or (self.saves == "alternate"
+                                      and len(self.result.kills) % 2 == 1)
       cmd = self.spec.command(run, self.steps, self.every, self.base, sync_saves=sync)
       planned = next((p for p in self.todo if p != "export"), None)
       w = self.start(cmd, f"round{r}_train", ckpt_dir=ckpt_dir, total_steps=self.steps)
@@ -782,7 +783,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--saves", choices=SAVES, default="async",
                       help="how the killed runs save: async (the default TrainConfig), sync "
                       "(TrainConfig.async_checkpoints=False: a kill loses at most --every "
-                      "steps), alternate (switching at each restart)")
+                      "steps), alternate (switching at each kill)")
   parser.add_argument("--workdir", required=True)
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.workdir, "xla-cache"))

@@ -209,6 +209,10 @@ class Checkpointer:
     self._empty_trash()
 
   def close(self) -> None:
+    # Orbax deletes a writer's leftover unfinished saves in a background future that only its
+    # next save awaits; a writer closed before saving (a run stopped during start-up) must
+    # not exit with that deletion cut short. A private method: absent, nothing to await.
+    getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self._manager.close()
     self._empty_trash()
 

@@ -1,9 +1,7 @@
 """Fixtures shared by the whole suite: one tokenizer and one tiny model config, built once."""
 
-import atexit
 import dataclasses
 import os
-import shutil
 import tempfile
 
 import gin
@@ -11,13 +9,11 @@ import jax
 import pytest
 
 # Many tests compile the same programs (a train step per run, resumed runs, the worker
-# subprocesses, which inherit the environment): XLA's persistent cache compiles each once.
-# One fresh directory per session, removed at its end, so that a run costs what it costs in
-# CI (a directory kept across sessions hid most compiles: 818 s warm); set
-# JAX_COMPILATION_CACHE_DIR to keep one.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmjax-test-xla-cache-")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# subprocesses, which inherit the environment): XLA's persistent cache compiles each once. It
+# is kept across sessions (a developer's second run is warm); a fresh machine, or
+# JAX_COMPILATION_CACHE_DIR pointed at an empty directory, measures the cold suite.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"llmjax-test-xla-cache-{os.getuid()}"))
 # The subprocesses read this from the environment (their default, 1 s, skips most programs).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
