@@ -158,10 +158,13 @@ class MetricsWriter:
     # One event with every scalar of the record (add_scalar writes one event per scalar):
     # TensorBoard shows the same (tag, step, value) points, for a fraction of the bytes to
     # checksum (tensorboardX's crc32c is pure Python).
+    # Summary.Value built directly: tensorboardX's `scalar()` wraps each in a Summary of its
+    # own through numpy (~17 us a scalar, a tenth of a millisecond per record).
     from tensorboardX.proto.event_pb2 import Event
     from tensorboardX.proto.summary_pb2 import Summary
-    from tensorboardX.summary import scalar
-    values = [scalar(f"{kind}/{name}", value).value[0] for name, value in clean.items()
+    from tensorboardX.summary import _clean_tag
+    values = [Summary.Value(tag=_clean_tag(f"{kind}/{name}"), simple_value=float(value))
+              for name, value in clean.items()
               if isinstance(value, (int, float)) and value is not None]
     if not values:
       return
