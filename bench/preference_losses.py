@@ -66,7 +66,7 @@ def main(argv):
   del argv
   from llmjax.stages.dpo import STAGE_LOSS_TYPES
   types = FLAGS.loss_types or list(STAGE_LOSS_TYPES) + [("sigmoid", "sft")]
-  print(f"| loss_type | final train loss | all finite | held-out reward accuracy | "
+  print("| loss_type | final train loss | all finite | held-out reward accuracy | "
         f"exact match (start) | rejected match |")
   print("|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as tmp:
