@@ -67,7 +67,7 @@ def main(argv):
   from llmjax.stages.dpo import STAGE_LOSS_TYPES
   types = FLAGS.loss_types or list(STAGE_LOSS_TYPES) + [("sigmoid", "sft")]
   print("| loss_type | final train loss | all finite | held-out reward accuracy | "
-        f"exact match (start) | rejected match |")
+        "exact match (start) | rejected match |")
   print("|---|---|---|---|---|---|")
   with tempfile.TemporaryDirectory() as tmp:
     for i, t in enumerate(types):
