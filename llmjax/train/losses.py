@@ -111,8 +111,12 @@ def logit_stats(logits: jax.Array, targets: jax.Array, *, entropy: bool = False,
 def token_stats(model, hidden: jax.Array, targets: jax.Array, chunk_size: int = 0, *,
                 entropy: bool = False, sum_sq_probs: bool = False) -> TokenStats:
   """log p(target) per position (and, when asked, the entropy and WPO's log sum_v p_v^2) from
-  final hidden states, through `model.logits`: the one place the DPO family, the RL
-  objectives and `lm_loss` turn hidden states into per-token log-probs.
+  final hidden states, through `model.logits`: where the DPO family, the RL objectives and
+  `lm_loss` with chunks turn hidden states into per-token log-probs (unchunked, `lm_loss`
+  keeps `vocab_parallel_cross_entropy`).
+
+  With the vocab split over `tensor` the partitioner splits each chunk's logits the same way
+  (`logit_stats` reads the target's logit without a gather), so no device gathers them.
 
   Args:
     model: has `logits(hidden [rows, c, d_model]) -> [rows, c, vocab]`.
