@@ -1,8 +1,8 @@
 """One DPO step (with a reference role), one reward-model step, one GRPO step (dapo, with a
 KL to a reference; DPO and GRPO with chunked log-probs, the vocab split over `tensor`) and one
-distill step (a wider teacher, chunked loss, some rows on-policy)
-on 8 simulated CPU devices, with 2 microbatches, vs one device without accumulation. Run as a script (the device count is
-fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
+distill step (a wider teacher, chunked loss, some rows on-policy) on 8 simulated CPU devices,
+with 2 microbatches, vs one device without accumulation. Run as a script (the device count
+is fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
 
 import json
 import os
