@@ -289,6 +289,10 @@ CASES = {
     "train-gin-invalid-value": Case(  # raised inside a configurable: gin's call sites dropped
         lambda c: _train(c, c.workdir, TINY, "TOTAL_STEPS = 0"),
         r"^error: TrainConfig\.total_steps must be at least 1, got 0$"),
+    "train-gin-negative-loss-chunk": Case(
+        lambda c: _train(c, c.workdir, TINY, "TrainConfig.loss_chunk_size = -8"),
+        r"^error: TrainConfig\.loss_chunk_size must be >= 0 \(0: the whole logits at once\), "
+        r"got -8$"),
     # workdirs
     "train-workdir-of-another-model": Case(
         lambda c: _train(c, c.workdir, TINY, "model_config.overrides = {'d_model': 64}"),

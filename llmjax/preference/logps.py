@@ -13,9 +13,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from llmjax.data.preferences import pair_valid, sequence_sums
+from llmjax.preference import losses
+from llmjax.train.losses import TokenStats, token_stats
 
 
 class PairLogps(NamedTuple):
@@ -25,28 +26,48 @@ class PairLogps(NamedTuple):
   chosen_lengths: jax.Array  # completion token counts
   rejected_lengths: jax.Array
   valid: jax.Array  # bool: the slot holds a pair
+  # WPO's pair weight w_chosen * w_rejected (gradient stopped), when asked for.
+  weights: jax.Array | None = None
 
   def flat(self) -> "PairLogps":
     """Every field as `[rows * max_pairs]`, exactly 0 in empty slots (the losses clamp
     lengths at 1, so length-normalised terms stay finite there; they are masked out)."""
     valid = self.valid.reshape(-1)
-    fix = lambda x: jnp.where(valid, x.reshape(-1), 0.0)
+    fix = lambda x: None if x is None else jnp.where(valid, x.reshape(-1), 0.0)
     return PairLogps(fix(self.chosen), fix(self.rejected), fix(self.chosen_lengths),
-                     fix(self.rejected_lengths), valid)
+                     fix(self.rejected_lengths), valid, fix(self.weights))
 
 
-def token_logps(model, batch: dict[str, jax.Array]) -> jax.Array:
-  """`[rows, seq]` float32 log p(target | prefix) under `model`, 0 off the completions."""
-  logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-  logps = -optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                           batch["targets"])
-  return logps * batch["loss_mask"].astype(jnp.float32)
+def token_logps(model, batch: dict[str, jax.Array], chunk_size: int = 0) -> jax.Array:
+  """`[rows, seq]` float32 log p(target | prefix) under `model`, 0 off the completions.
+
+  `chunk_size > 0` (`TrainConfig.loss_chunk_size`) projects that many positions at a time
+  (`llmjax.train.losses.token_stats`): the `[rows, seq, vocab]` logits never exist at once.
+  """
+  return _token_stats(model, batch, chunk_size).logps
 
 
-def pair_logps(model, batch: dict[str, jax.Array], max_pairs: int) -> PairLogps:
-  """The chosen and rejected completion log-probs of every pair in `batch` under `model`."""
-  chosen, rejected = sequence_sums(token_logps(model, batch), batch, max_pairs)
-  return _with_lengths(chosen, rejected, batch, max_pairs)
+def _token_stats(model, batch, chunk_size: int, sum_sq_probs: bool = False) -> TokenStats:
+  """`token_stats` of the batch's targets, log-probs 0 off the completions."""
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  stats = token_stats(model, hidden, batch["targets"], chunk_size, sum_sq_probs=sum_sq_probs)
+  return stats._replace(logps=stats.logps * batch["loss_mask"].astype(jnp.float32))
+
+
+def pair_logps(model, batch: dict[str, jax.Array], max_pairs: int, chunk_size: int = 0,
+               wpo_weights: bool = False) -> PairLogps:
+  """The chosen and rejected completion log-probs of every pair in `batch` under `model`
+  (`chunk_size`: as `token_logps`); with `wpo_weights`, also each pair's WPO weight
+  (`llmjax.preference.losses.wpo_weights`, TRL's `use_weighting`) from the same pass."""
+  stats = _token_stats(model, batch, chunk_size, sum_sq_probs=wpo_weights)
+  chosen, rejected = sequence_sums(stats.logps, batch, max_pairs)
+  out = _with_lengths(chosen, rejected, batch, max_pairs)
+  if wpo_weights:
+    aligned = (stats.logps - stats.log_sum_sq_probs) * batch["loss_mask"].astype(jnp.float32)
+    a_c, a_r = sequence_sums(aligned, batch, max_pairs)
+    out = out._replace(weights=losses.wpo_sequence_weights(a_c, out.chosen_lengths)
+                       * losses.wpo_sequence_weights(a_r, out.rejected_lengths))
+  return out
 
 
 def reference_from_batch(batch: dict[str, jax.Array], max_pairs: int) -> PairLogps:

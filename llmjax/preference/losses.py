@@ -114,20 +114,28 @@ def f_divergence_scores(chosen_logratios: jax.Array, rejected_logratios: jax.Arr
                     f"{F_DIVERGENCE_TYPES}.")
 
 
-def wpo_weights(token_logps: jax.Array, logits: jax.Array, completion_mask: jax.Array) -> jax.Array:
+def wpo_weights(token_logps: jax.Array, log_sum_sq_probs: jax.Array,
+                completion_mask: jax.Array) -> jax.Array:
   """Per-sequence WPO weights, TRL's `use_weighting=True` (gradient stopped).
 
   "WPO: Enhancing RLHF with Weighted Preference Optimization" (arXiv:2406.11827), Eq. (2) with
-  TRL's alignment: w = exp(mean_t [logp_t - (logsumexp(2 z_t) - 2 logsumexp(z_t))]).
-  Args: token_logps `[n, seq]`, logits `[n, seq, vocab]`, completion_mask `[n, seq]` (1 on
-  completion tokens). Returns `[n]`; a pair's weight for `dpo_loss(pair_weights=...)` is
-  `w_chosen * w_rejected`.
+  TRL's alignment: w = exp(mean_t [logp_t - log sum_v p_v,t^2]), where log sum_v p_v^2 =
+  logsumexp(2 z_t) - 2 logsumexp(z_t) of the logits z_t (TRL's `log_sum_sq_probs`; per token
+  from `llmjax.train.losses.token_stats(..., sum_sq_probs=True)`, chunked or not, or
+  `logit_stats` of logits). Args: token_logps, log_sum_sq_probs, completion_mask (1 on
+  completion tokens), each `[n, seq]`. Returns `[n]`; a pair's weight for
+  `dpo_loss(pair_weights=...)` is `w_chosen * w_rejected`.
   """
-  logits = _f32(logits)
   mask = _f32(completion_mask)
-  log_denom = jax.nn.logsumexp(2.0 * logits, -1) - 2.0 * jax.nn.logsumexp(logits, -1)
-  aligned = (_f32(token_logps) - log_denom) * mask
-  mean = aligned.sum(-1) / jnp.maximum(mask.sum(-1), _MIN_LENGTH)
+  aligned = (_f32(token_logps) - _f32(log_sum_sq_probs)) * mask
+  return wpo_sequence_weights(aligned.sum(-1), mask.sum(-1))
+
+
+def wpo_sequence_weights(aligned_sums: jax.Array, lengths: jax.Array) -> jax.Array:
+  """`wpo_weights` from per-sequence sums of logp_t - log sum_v p_v,t^2 over the completion
+  and the completion lengths (any matching shape; packed rows sum them per segment):
+  exp(sum / max(length, 1)), gradient stopped."""
+  mean = _f32(aligned_sums) / jnp.maximum(_f32(lengths), _MIN_LENGTH)
   return jax.lax.stop_gradient(jnp.exp(mean))
 
 

@@ -38,9 +38,10 @@ def fingerprint(splits: dict[str, Sequence[dict[str, np.ndarray]]], source: Any)
 
 def compute_table(graphdef: nnx.GraphDef, params: Any, examples: list[dict[str, np.ndarray]],
                   cfg: preferences.PreferenceDataConfig, mesh: Mesh,
-                  rules: mesh_lib.Rules) -> np.ndarray:
+                  rules: mesh_lib.Rules, chunk_size: int = 0) -> np.ndarray:
   """`[len(examples), 2]` float32: (chosen, rejected) completion log-prob sums of each example
-  under the model (graphdef, params).
+  under the model (graphdef, params), its output layer over `chunk_size` positions at a time
+  when > 0 (`TrainConfig.loss_chunk_size`, as the training step).
 
   Every process runs the same batches (all examples, in order), with rows split over the
   mesh's batch axes, and receives every result.
@@ -52,7 +53,7 @@ def compute_table(graphdef: nnx.GraphDef, params: Any, examples: list[dict[str, 
   @jax.jit
   def run(p, batch):
     with mesh_lib.activation_sharding(mesh, rules):
-      out = pair_logps(nnx.merge(graphdef, p), batch, max_pairs)
+      out = pair_logps(nnx.merge(graphdef, p), batch, max_pairs, chunk_size)
     # Every process gets every result (the batches are the same on all of them).
     return jax.lax.with_sharding_constraint((out.chosen, out.rejected), rep)
 

@@ -60,12 +60,16 @@ class PreferenceLoss:
     beta: DPO's beta (IPO's tau); SimPO's beta; ORPO's lambda (TRL's ORPO `beta`).
     label_smoothing: cDPO / robust flip probability, or EXO's epsilon.
     simpo_gamma: SimPO's target reward margin gamma (TRL's `simpo_gamma`).
+    use_weighting: WPO (TRL's `use_weighting`): each pair's loss times its weight
+      w_chosen * w_rejected, w = exp(mean over the completion of logp - log sum_v p_v^2)
+      under the policy (`llmjax.preference.losses.wpo_weights`). DPO-family types only.
   """
   loss_type: str | tuple[str, ...] = "sigmoid"
   loss_weights: tuple[float, ...] | None = None
   beta: float = 0.1
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
+  use_weighting: bool = False
 
   def __post_init__(self):
     types = self.types
@@ -79,10 +83,15 @@ class PreferenceLoss:
     if set(types) & set(REFERENCE_FREE) and len(types) > 1:
       raise ConfigError(f"PreferenceLoss.loss_type={list(types)}: {REFERENCE_FREE} are "
                         "reference-free and stand alone; combine only DPO-family types")
+    if self.use_weighting and self.reference_free:
+      raise ConfigError(f"PreferenceLoss.use_weighting (WPO) weights DPO-family losses; "
+                        f"loss_type {self.loss_type!r} has no such weighting (TRL's CPO/ORPO "
+                        "trainers neither): drop one of them")
     # The pure losses check beta, label_smoothing and the weights as they trace: trace them
     # now (shapes only, nothing runs), so a bad value fails before any data or compile.
     one = jax.ShapeDtypeStruct((1,), jnp.float32)
-    logps = PairLogps(one, one, one, one, jax.ShapeDtypeStruct((1,), jnp.bool_))
+    logps = PairLogps(one, one, one, one, jax.ShapeDtypeStruct((1,), jnp.bool_),
+                      one if self.use_weighting else None)
     jax.eval_shape(lambda p, r: self.per_pair(p, r), logps, logps)
 
   @property
@@ -112,20 +121,25 @@ class PreferenceLoss:
                            label_smoothing=self.label_smoothing,
                            chosen_lengths=pol.chosen_lengths,
                            rejected_lengths=pol.rejected_lengths,
-                           loss_weights=self.loss_weights)
+                           loss_weights=self.loss_weights, pair_weights=pol.weights)
     return (loss,) + losses.dpo_rewards(pol.chosen, pol.rejected, ref.chosen, ref.rejected,
                                         self.beta)
 
 
-def preference_objective(loss: PreferenceLoss, max_pairs: int, precomputed: bool):
+def preference_objective(loss: PreferenceLoss, max_pairs: int, precomputed: bool,
+                         chunk_size: int = 0):
   """The train loop's loss function: the mean preference loss over the batch's pairs, with
-  TRL's reward and log-prob metrics as (sum, count) pairs."""
+  TRL's reward and log-prob metrics as (sum, count) pairs. `chunk_size`
+  (`TrainConfig.loss_chunk_size`): the policy's and the reference's output layers run over
+  that many positions at a time (`llmjax.train.losses.token_stats`)."""
   def loss_fn(policy, roles, batch):
-    pol = pair_logps(policy, batch, max_pairs).flat()
+    pol = pair_logps(policy, batch, max_pairs, chunk_size, wpo_weights=loss.use_weighting)
+    pol = pol.flat()
     ref = None
     if not loss.reference_free:
       ref = (reference_from_batch(batch, max_pairs) if precomputed else
-             pair_logps(roles_lib.reference_model(policy, roles), batch, max_pairs)).flat()
+             pair_logps(roles_lib.reference_model(policy, roles), batch, max_pairs,
+                        chunk_size)).flat()
     per_pair, r_c, r_r = loss.per_pair(pol, ref)
     valid = pol.valid
     n = jnp.sum(valid.astype(jnp.float32))
@@ -200,7 +214,8 @@ class DPO:
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       loss_fn = preference_objective(self.loss, self.data.max_pairs_per_row,
-                                     precomputed=self.precompute_reference)
+                                     precomputed=self.precompute_reference,
+                                     chunk_size=self.train.loss_chunk_size)
       return loop.train(stage=self.name, policy=policy, roles=roles, loss_fn=loss_fn,
                         train_data=train_ds, eval_data=eval_data, train_cfg=self.train,
                         opt_cfg=self.optimizer, writer=writer, meta=meta,
@@ -215,7 +230,8 @@ class DPO:
     mesh, rules = mesh_lib.mesh_and_rules(ctx.mesh, ctx.rules)
 
     def compute(examples):
-      return reference_lib.compute_table(graphdef, params, examples, self.data, mesh, rules)
+      return reference_lib.compute_table(graphdef, params, examples, self.data, mesh, rules,
+                                         self.train.loss_chunk_size)
     tables = reference_lib.load_or_compute(path, {"train": train_ex, "eval": eval_ex},
                                            ref.source, compute)
     return (preferences.attach_reference_logps(train_ex, tables["train"]),

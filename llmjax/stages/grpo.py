@@ -139,8 +139,10 @@ class GRPOConfig:
     return [Reward.resolve(r, w) for r, w in zip(self.rewards, weights)]
 
 
-def grpo_objective(cfg: GRPOConfig):
+def grpo_objective(cfg: GRPOConfig, chunk_size: int = 0):
   """The train loop's loss: `policy_loss` as (sum, weight) so microbatches add up exactly.
+  `chunk_size` (`TrainConfig.loss_chunk_size`): the completion window's output layer runs
+  over that many positions at a time (`llmjax.train.losses.target_logps`).
 
   grpo: (sum over completions of their token-mean loss, completions); bnpo and dapo:
   (token sum, tokens) over the whole step (dapo's normaliser; bnpo's per-microbatch mean in
@@ -149,13 +151,13 @@ def grpo_objective(cfg: GRPOConfig):
   """
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
-    _, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens)
+    _, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens, chunk_size)
     entropy = jax.lax.stop_gradient(entropy)
     old = batch["old_logps"] if cfg.needs_old_logps else jax.lax.stop_gradient(logps)
     ref = None
     if cfg.beta > 0:
       ref_model = roles_lib.reference_model(policy, roles)
-      ref = target_logps(ref_model, batch, cfg.max_new_tokens)[1]
+      ref = target_logps(ref_model, batch, cfg.max_new_tokens, chunk_size)[1]
     loss, metrics = policy_loss(logps, old, batch["advantages"], mask,
                                 loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                 epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
@@ -290,7 +292,8 @@ class GRPO:
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       return loop.train(stage=self.name, policy=policy, roles=roles,
-                        loss_fn=grpo_objective(cfg), train_data=source, eval_data=[],
+                        loss_fn=grpo_objective(cfg, self.train.loss_chunk_size),
+                        train_data=source, eval_data=[],
                         train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
                         meta=meta, extra_eval=extra_eval if held_out else None,
                         **ctx.loop_kwargs())

@@ -162,8 +162,9 @@ class PPORollout(Finish):
   `advantages` and `returns` (`[rows, seq]`), with the adaptive kl_coef as its state."""
 
   def __init__(self, cfg: PPOConfig, mesh, rules,
-               after_reply: tuple[int, tuple[int, ...]] = (-1, ())):
+               after_reply: tuple[int, tuple[int, ...]] = (-1, ()), chunk_size: int = 0):
     self.cfg, self.mesh, self.rules, self.after_reply = cfg, mesh, rules, after_reply
+    self.chunk_size = chunk_size  # TrainConfig.loss_chunk_size, as the loss
     self.kl_coef = cfg.kl_coef
     self.rows = mesh_lib.batch_sharding(mesh, rules)
     self._fn = jax.jit(self._compute, static_argnums=0,
@@ -173,10 +174,10 @@ class PPORollout(Finish):
     cfg = self.cfg
     models = {name: nnx.merge(gd, params[name]) for name, gd in graphdefs}
     policy = models[roles_lib.POLICY]
-    hidden, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens)
+    hidden, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens, self.chunk_size)
     refs = {k: v for k, v in models.items() if k == roles_lib.REFERENCE}
     ref_logps = target_logps(roles_lib.reference_model(policy, refs), batch,
-                             cfg.max_new_tokens)[1]
+                             cfg.max_new_tokens, self.chunk_size)[1]
     values = _values(cfg, models[roles_lib.VALUE], hidden, batch)
     scores = reward_scores(models[roles_lib.REWARD], batch, self.after_reply)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -228,12 +229,14 @@ class PPORollout(Finish):
     self.kl_coef = float(state.get("kl_coef", self.cfg.kl_coef))
 
 
-def ppo_objective(cfg: PPOConfig):
+def ppo_objective(cfg: PPOConfig, chunk_size: int = 0):
   """The train loop's loss: clipped surrogate + vf_coef x clipped value loss, token-weighted
-  (TRL's masked means over a minibatch), as (sum, weight) so microbatches add up exactly."""
+  (TRL's masked means over a minibatch), as (sum, weight) so microbatches add up exactly.
+  `chunk_size` (`TrainConfig.loss_chunk_size`): the completion window's output layer runs
+  over that many positions at a time (`llmjax.train.losses.target_logps`)."""
   def loss_fn(policy, roles, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
-    hidden, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens)
+    hidden, logps, entropy = target_logps(policy, batch, cfg.max_new_tokens, chunk_size)
     values = _values(cfg, roles[roles_lib.VALUE], hidden, batch)
     pg, pg_metrics = ppo_lib.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, cliprange=cfg.cliprange,
@@ -370,7 +373,8 @@ class PPO:
     source = RolloutSource(prompts_lib.PromptIterator(train_ex, self.data, pid, nproc),
                            lambda gd, p: Sampler(gd, p, tokenizer, eos_ids=stop_ids), (),
                            rollout_cfg,
-                           PPORollout(cfg, mesh, rules, chat.after_reply(tokenizer, template)))
+                           PPORollout(cfg, mesh, rules, chat.after_reply(tokenizer, template),
+                                      self.train.loss_chunk_size))
     eval_budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
     held_out = HeldOut(reward, tokenizer, template,
                        prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc), eval_budget,
@@ -385,7 +389,8 @@ class PPO:
       meta = {"tokenizer": ctx.tokenizer_file(), "chat_template_name": template,
               "chat_template": chat.chat_template_jinja(template), **start_meta}
       return loop.train(stage=self.name, policy=policy, roles=roles,
-                        loss_fn=ppo_objective(cfg), train_data=source, eval_data=[],
+                        loss_fn=ppo_objective(cfg, self.train.loss_chunk_size),
+                        train_data=source, eval_data=[],
                         train_cfg=self.train, opt_cfg=self.optimizer, writer=writer,
                         meta=meta, extra_eval=held_out if held_out.items else None,
                         **ctx.loop_kwargs())

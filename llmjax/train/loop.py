@@ -64,7 +64,10 @@ class TrainConfig:
   async_checkpoints: bool = True
   seed: int = 0  # parameter init and the state's RNG
   peak_flops_per_device: float | None = None  # for MFU where the chip is not in the table
-  loss_chunk_size: int = 0  # >0: memory-lean loss over this many positions at a time
+  # >0: the output layer and softmax of the loss (pretrain, SFT, distill, the DPO family,
+  # GRPO, PPO) run over this many positions at a time, recomputed in the backward pass, so
+  # the [rows, seq, vocab] float32 logits never exist at once (`losses.token_stats`).
+  loss_chunk_size: int = 0
   # float16 loss scaling (train/loss_scale.py): None picks by ModelConfig.dtype ('dynamic' for
   # float16, 'none' otherwise); 'dynamic'; 'none'; or a number, a fixed scale. bfloat16 and
   # float32 need none. The dynamic scale starts at loss_scale_initial, grows by
@@ -81,6 +84,9 @@ class TrainConfig:
                  "checkpoint_every", "keep_checkpoints", "loss_scale_growth_interval"):
       if getattr(self, name) < 1:
         raise ConfigError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+    if self.loss_chunk_size < 0:
+      raise ConfigError(f"TrainConfig.loss_chunk_size must be >= 0 (0: the whole logits at "
+                        f"once), got {self.loss_chunk_size}")
     if self.loss_scale_factor <= 1:
       raise ConfigError(f"TrainConfig.loss_scale_factor must be > 1, got {self.loss_scale_factor}")
     if not 0 < self.loss_scale_min <= self.loss_scale_initial:

@@ -39,7 +39,8 @@ def reference():
 @pytest.mark.parametrize("variant", [
     {"remat": "full"}, {"remat": "dots"}, {"scan_layers": True},
     {"scan_layers": True, "remat": "dots_no_batch"},
-    {"attention": "dot_product"}, {"attention": "splash"}, {"chunk_size": 32}])
+    {"attention": "dot_product"}, {"attention": "splash"},
+    {"chunk_size": 48}])  # 128 positions: chunks of 48, 48 and a padded 32
 def test_variant_matches_plain_model(reference, variant):
   variant = dict(variant)
   chunk = variant.pop("chunk_size", 0)

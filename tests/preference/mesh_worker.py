@@ -1,7 +1,8 @@
 """One DPO step (with a reference role), one reward-model step, one GRPO step (dapo, with a
-KL to a reference) and one distill step (a wider teacher, chunked loss, some rows on-policy)
-on 8 simulated CPU devices, with 2 microbatches, vs one device without accumulation. Run as a script (the device count is
-fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
+KL to a reference; DPO and GRPO with chunked log-probs, the vocab split over `tensor`) and one
+distill step (a wider teacher, chunked loss, some rows on-policy) on 8 simulated CPU devices,
+with 2 microbatches, vs one device without accumulation. Run as a script (the device count
+is fixed when jax starts): `mesh_worker.py TOKENIZER_PATH`; prints one JSON line."""
 
 import json
 import os
@@ -69,7 +70,10 @@ def main():
   variants = {
       "dpo": ({"policy": policy_role(TEST_MODEL, base),
                "reference": Role.frozen(ref_graphdef, ref_params, TEST_MODEL)},
-              preference_objective(PreferenceLoss(loss_type="sigmoid", beta=0.1), 2, False)),
+              # Chunked log-probs (TrainConfig.loss_chunk_size): 128 positions in chunks of
+              # 48, the last padded.
+              preference_objective(PreferenceLoss(loss_type="sigmoid", beta=0.1), 2, False,
+                                   chunk_size=48)),
       "rm": ({"policy": policy_role(rm_cfg, init_reward_model(base, rm_cfg, seed=3))},
              reward_objective(2, center_rewards_coefficient=0.01)),
   }
@@ -88,7 +92,7 @@ def main():
   grpo_cfg = GRPOConfig(num_generations=4, max_new_tokens=12, loss_type="dapo", beta=0.04)
   variants["grpo"] = ({"policy": policy_role(TEST_MODEL, base),
                        "reference": Role.frozen(ref_graphdef, ref_params, TEST_MODEL)},
-                      grpo_objective(grpo_cfg))
+                      grpo_objective(grpo_cfg, chunk_size=5))  # the 12-token window in 5s
   batches = {"grpo": rollout}
   # Distill: a wider, deeper teacher; CE mixed in (alpha), chunked over positions, and two
   # rows marked sampled (on-policy: no CE there), one in each microbatch.

@@ -10,6 +10,7 @@ import pytest
 
 from llmjax.errors import ConfigError
 from llmjax.preference import losses as L
+from llmjax.train.losses import logit_stats
 
 # Three pairs: policy and reference logps (token sums) and completion lengths.
 CHOSEN = [-5.0, -12.0, -3.0]
@@ -170,7 +171,11 @@ def test_wpo_weight_is_one_for_uniform_logits():
   logits = jnp.zeros((2, 3, vocab))
   token_logps = jnp.full((2, 3), -math.log(vocab))
   mask = jnp.asarray([[1, 1, 0], [0, 1, 1]])
-  np.testing.assert_allclose(L.wpo_weights(token_logps, logits, mask), [1.0, 1.0], rtol=1e-6)
+  log_sum_sq_probs = logit_stats(logits, jnp.zeros((2, 3), jnp.int32),
+                                 sum_sq_probs=True).log_sum_sq_probs
+  np.testing.assert_allclose(log_sum_sq_probs, -math.log(vocab), rtol=1e-6)  # sum p^2 = 1/V
+  np.testing.assert_allclose(L.wpo_weights(token_logps, log_sum_sq_probs, mask), [1.0, 1.0],
+                             rtol=1e-6)
 
 
 def test_dpo_rewards():

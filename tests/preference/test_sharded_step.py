@@ -1,6 +1,6 @@
 """The DPO, reward-model, GRPO and distill steps sharded over 8 simulated devices with 2
 microbatches equal one device in one batch: pairs stay whole across microbatches and
-devices."""
+devices. DPO, GRPO and distill run with chunked log-probs (the vocab split over `tensor`)."""
 
 import json
 import os

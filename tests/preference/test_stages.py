@@ -1,5 +1,8 @@
 """The rm and dpo stages end to end on a tiny model: exact resume, precomputed == live
-reference, the reward model's HF export scores, LoRA, and bad settings."""
+reference (and chunked log-probs == whole), the reward model's HF export scores, LoRA, and
+bad settings."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -9,6 +12,7 @@ from llmjax.data import instructions, preferences
 from llmjax.errors import ConfigError
 from llmjax.metrics import read_metrics
 from llmjax.model.lora import LoraConfig
+from llmjax.preference import logps as logps_lib
 from llmjax.preference.on_policy import OnPolicyPairs
 from llmjax.stages import RunContext, run_stages
 from llmjax.stages.context import TokenizerConfig
@@ -16,6 +20,7 @@ from llmjax.stages.dpo import PreferenceLoss, dpo_stage
 from llmjax.stages.reward_model import reward_model_stage
 from llmjax.stages.sft import SFT
 from llmjax.train import loop
+from llmjax.train.losses import token_stats
 from llmjax.train.optimizer import OptimizerConfig
 
 from tests.conftest import TEST_MODEL
@@ -131,11 +136,23 @@ def check_on_policy_pairs(workdir, start):
   assert 0.0 <= evals[-1]["on_policy/accuracy"] <= 1.0
 
 
-def test_precomputed_reference_equals_live(tmp_path, start, tokenizer_path):
+def test_precomputed_reference_equals_live(tmp_path, start, tokenizer_path, monkeypatch):
+  # The precomputed run also chunks its log-probs (TrainConfig.loss_chunk_size: 128 positions
+  # in 48s, the last padded), in the reference pass and the loss: the same numbers.
+  chunks = []
+
+  def spy(model, hidden, targets, chunk_size=0, **kw):
+    chunks.append(chunk_size)
+    return token_stats(model, hidden, targets, chunk_size, **kw)
+  monkeypatch.setattr(logps_lib, "token_stats", spy)
   stage = lambda pre: dpo(start, tokenizer_path, precompute_reference=pre,
-                          train=_train(steps=2, every=2))
+                          train=dataclasses.replace(_train(steps=2, every=2),
+                                                    loss_chunk_size=48 if pre else 0))
   run(tmp_path / "live", stage(False))
+  assert chunks and set(chunks) == {0}
+  chunks.clear()
   run(tmp_path / "pre", stage(True))
+  assert len(chunks) >= 2 and set(chunks) == {48}  # the reference pass and the loss
   rows = lambda w, kind: [m for m in read_metrics(str(w)) if m["kind"] == kind]
   live, pre = rows(tmp_path / "live", "train"), rows(tmp_path / "pre", "train")
   # Step 1: policy == reference, so the sigmoid loss is log 2 either way.

@@ -20,6 +20,7 @@ import trl116_dpo_reference as ref  # noqa: E402
 
 from llmjax.errors import ConfigError  # noqa: E402
 from llmjax.preference import losses as L  # noqa: E402
+from llmjax.train.losses import logit_stats  # noqa: E402
 
 SEEDS = (0, 1)
 B, T, V = 5, 9, 11
@@ -66,7 +67,10 @@ def our_dpo(b, loss_type, use_weighting=False, **cfg):
   ref_c, ref_r = jnp.split(jnp.asarray(b["ref_logps"]), 2)
   weights = None
   if use_weighting:
-    w = L.wpo_weights(jnp.asarray(b["per_token"]), jnp.asarray(b["logits"]), mask)
+    # Ours from the logits by the per-token helper the stages use (targets do not matter).
+    stats = logit_stats(jnp.asarray(b["logits"]), jnp.zeros(mask.shape, jnp.int32),
+                        sum_sq_probs=True)
+    w = L.wpo_weights(jnp.asarray(b["per_token"]), stats.log_sum_sq_probs, mask)
     weights = w[:B] * w[B:]
 
   def f(per_token):
