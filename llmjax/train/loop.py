@@ -170,6 +170,12 @@ def _call_loss(loss_fn: LossFn, models: dict[str, nnx.Module], batch,
   return loss_sum, weight, {**aux, **router_losses.router_metrics(routed)}
 
 
+# What every step logs, NaN or not (a NaN loss is a divergence or, under float16 loss
+# scaling, a skipped step: shown as it is).
+_STEP_METRICS = ("loss", "grad_norm", "learning_rate", "target_tokens", "loss_scale",
+                 "skipped_steps")
+
+
 def _aux_means(aux: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
   return {name: jnp.where(c > 0, s / jnp.where(c > 0, c, 1.0), jnp.nan)
           for name, (s, c) in aux.items()}
@@ -613,7 +619,8 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       for name, (s_, c_) in {"loss": (loss_sum, count), **aux}.items():
         acc = sums.setdefault(name, [0.0, 0.0])
         acc[0], acc[1] = acc[0] + float(s_), acc[1] + float(c_)
-    record = {name: s_ / c_ if c_ > 0 else float("nan") for name, (s_, c_) in sums.items()}
+    record = {name: s_ / c_ if c_ > 0 else float("nan") for name, (s_, c_) in sums.items()
+              if c_ > 0 or name == "loss"}  # an aux metric with nothing to average: left out
     if "loss" in record and getattr(loss_fn, "is_token_nll", False):
       record["perplexity"] = float(np.exp(min(record["loss"], 50.0)))
     if extra_eval is not None:
@@ -641,7 +648,10 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       _raise_diverged(stage, int(record.bad), checkpointer, scaling, current_state())
     if record.metrics is None:
       return
-    m = {k: float(v) for k, v in jax.device_get(record.metrics).items()}
+    # An aux metric with nothing to average this step (count 0, e.g. a gap measured only on
+    # fresh rollouts) is NaN by `_aux_means`: left out of the record, not logged as NaN.
+    m = {k: float(v) for k, v in jax.device_get(record.metrics).items()
+         if k in _STEP_METRICS or not np.isnan(v)}
     if "skipped_steps" in m:
       m["skipped_steps"] = int(m["skipped_steps"])
     # The step's outputs are on the host, so it is done: the time to here is its time.
