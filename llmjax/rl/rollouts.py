@@ -69,6 +69,15 @@ class Reward:
   name: str
   fn: Callable[..., float]
   weight: float = 1.0
+  # The keywords `fn` takes (None: any, it has **kwargs), read once: a rollout calls each
+  # reward once per completion, and `inspect.signature` costs tens of microseconds.
+  accepted: frozenset[str] | None = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    params = inspect.signature(self.fn).parameters
+    object.__setattr__(self, "accepted",
+                       None if any(p.kind == p.VAR_KEYWORD for p in params.values())
+                       else frozenset(params))
 
   @classmethod
   def resolve(cls, name: str, weight: float = 1.0) -> "Reward":
@@ -80,9 +89,8 @@ class Reward:
     return self.name.rsplit(".", 1)[-1]
 
   def __call__(self, **available: Any) -> float:
-    params = inspect.signature(self.fn).parameters
-    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    kwargs = available if takes_all else {k: v for k, v in available.items() if k in params}
+    kwargs = available if self.accepted is None else {k: v for k, v in available.items()
+                                                      if k in self.accepted}
     try:
       return float(self.fn(**kwargs))
     except Exception as e:  # noqa: BLE001 -- any failure of user code stops the run, named
@@ -251,6 +259,9 @@ class RolloutSource(loop.BatchSource):
     self.batch: dict[str, np.ndarray] | None = None  # the rollout in use, rows shuffled
     self.uses = 0  # optimizer steps taken on it
     self._pending: dict[str, list[float]] = {}
+    # Rollouts whose metrics are not computed yet: `metrics()` does it, called by the loop
+    # after the step is queued, so the host's bookkeeping is off the rollout -> step path.
+    self._unrecorded: list[tuple] = []
 
   # ---- BatchSource ----
 
@@ -268,6 +279,9 @@ class RolloutSource(loop.BatchSource):
 
   def metrics(self) -> dict[str, float]:
     """Means of the rollout metrics since the last call (what the loop logs with a step)."""
+    for rollout in self._unrecorded:
+      self._record(*rollout)
+    self._unrecorded = []
     names = sorted(k for k, v in self._pending.items() if v)
     means = [float(np.mean(self._pending[k])) for k in names]
     self._pending = {}
@@ -316,12 +330,14 @@ class RolloutSource(loop.BatchSource):
     sample = functools.partial(self._sample, self._sampler, params=view.params)
     first = groups = sample(next(self.prompts))
     rounds, wanted = 1, len(first.items)
+    # Now, while the device is idle: a jitted call in `metrics()` would wait for the step.
+    first_spread = first.spread() if self.rewards else None
     if cfg.dynamic_sampling:
       # DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; sample more
       # prompts until the batch is full of groups with a spread (or the rounds run out, then
       # top up with the others so the batch keeps its shape). Sampling is collective: every
       # process samples another round while any still needs one.
-      kept, spare = first.split(first.spread())
+      kept, spare = first.split(first_spread)
       while (rounds < cfg.max_sampling_rounds
              and distributed.any_process(len(kept.items) < wanted)):
         more = sample(next(self.prompts))
@@ -337,8 +353,8 @@ class RolloutSource(loop.BatchSource):
       batch["loss_mask"] = batch["loss_mask"] * batch["stopped"][:, None].astype(np.int32)
     finish_start = time.time()
     extra = self.finish(view, groups, batch)
-    self._record(groups, first, rounds, sample_seconds,
-                 {**extra, "rollout_score_seconds": time.time() - finish_start})
+    self._unrecorded.append((groups, first_spread, rounds, sample_seconds,
+                             {**extra, "rollout_score_seconds": time.time() - finish_start}))
     if cfg.minibatches > 1:
       # Minibatches mix the groups (TRL shuffles too): advantages are already computed over
       # whole groups, and each slice sees a spread of prompts.
@@ -347,7 +363,7 @@ class RolloutSource(loop.BatchSource):
       batch = {k: v[order] for k, v in batch.items()}
     return batch
 
-  def _record(self, groups: "Groups", first: "Groups", rounds: int,
+  def _record(self, groups: "Groups", first_spread: np.ndarray | None, rounds: int,
               sample_seconds: float, extra: dict[str, float]) -> None:
     total = groups.scores["total"].reshape(-1)
     lengths = groups.lengths.reshape(-1)
@@ -360,7 +376,7 @@ class RolloutSource(loop.BatchSource):
     if self.rewards:
       m.update({"reward": float(total.mean()), "reward_std": float(total.std()),
                 # Of the first round: what the prompts give before dynamic sampling.
-                "frac_zero_spread_groups": float(1.0 - first.spread().mean())})
+                "frac_zero_spread_groups": float(1.0 - first_spread.mean())})
     for r in self.rewards:
       m[f"rewards/{r.label}/mean"] = float(groups.scores[r.label].mean())
       m[f"rewards/{r.label}/std"] = float(groups.scores[r.label].std())

@@ -176,6 +176,12 @@ def _call_loss(loss_fn: LossFn, models: dict[str, nnx.Module], batch,
   return loss_sum, weight, {**aux, **router_losses.router_metrics(routed)}
 
 
+# What every step logs, NaN or not (a NaN loss is a divergence or, under float16 loss
+# scaling, a skipped step: shown as it is).
+_STEP_METRICS = ("loss", "grad_norm", "learning_rate", "target_tokens", "loss_scale",
+                 "skipped_steps")
+
+
 def _aux_means(aux: dict[str, tuple[jax.Array, jax.Array]]) -> dict[str, jax.Array]:
   return {name: jnp.where(c > 0, s / jnp.where(c > 0, c, 1.0), jnp.nan)
           for name, (s, c) in aux.items()}
@@ -361,6 +367,25 @@ class BatchSource:
     """Host-side metrics of the batches made since the last call (e.g. rollout rewards and
     seconds), logged with the step's own."""
     return {}
+
+
+def step_batch(batch: dict[str, Any], sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
+  """This process's batch as the jitted train and eval steps take it: the global arrays
+  (`mesh.host_batch_to_global`), or with one process the numpy arrays themselves, which the
+  jitted call places by its in_shardings in its own C++ path (a device_put first costs a
+  small RL step ~0.5 ms more host time before the step can start)."""
+  if jax.process_count() == 1 and all(isinstance(v, np.ndarray) for v in batch.values()):
+    return batch
+  return mesh_lib.host_batch_to_global(batch, sharding)
+
+
+def _leaves_of(shardings: Any, tree: Any) -> list[Any]:
+  """The sharding of each of `tree`'s leaves, in its flattening order, from a tree of
+  shardings with `tree`'s structure as far as it goes (one sharding may stand for a subtree:
+  an nnx Variable, the loss scale's three counters)."""
+  out: list[Any] = []
+  jax.tree.map(lambda s, sub: out.extend([s] * len(jax.tree.leaves(sub))), shardings, tree)
+  return out
 
 
 @dataclasses.dataclass
@@ -551,18 +576,44 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
     new_state, metrics = train_step(state, frozen, batch)
     return new_state, metrics, new_state["first_bad_step"]
 
-  step_fn = jax.jit(with_activation_sharding(step_and_mark),
-                    in_shardings=(state_shard, f_shard, batch_shard),
-                    out_shardings=(state_shard, rep, rep), donate_argnums=0)
+  # The step takes and returns the state's and the frozen roles' leaves as flat lists: jit
+  # flattens nnx.State trees (and builds the new state's) in Python, ~0.5 ms per step for a
+  # small model, which delays the step's start; a list is flattened in C++. The trees are
+  # rebuilt on the host only when something reads them, while the device runs the step.
+  state_def = jax.tree.structure(state)
+  frozen_leaves, frozen_def = jax.tree.flatten(frozen)
+
+  def flat_step(leaves, frozen_leaves, batch):
+    new_state, metrics, mark = step_and_mark(jax.tree.unflatten(state_def, leaves),
+                                             jax.tree.unflatten(frozen_def, frozen_leaves),
+                                             batch)
+    new_leaves, new_def = jax.tree.flatten(new_state)
+    assert new_def == state_def, (new_def, state_def)
+    return new_leaves, metrics, mark
+
+  state_leaves, tree = jax.tree.leaves(state), state
+  del state  # the leaves are donated to the step: read the state through current_state()
+
+  def current_state() -> dict[str, Any]:
+    nonlocal tree
+    if tree is None:
+      tree = jax.tree.unflatten(state_def, state_leaves)
+    return tree
+
+  step_fn = jax.jit(with_activation_sharding(flat_step),
+                    in_shardings=(_leaves_of(state_shard, current_state()),
+                                  _leaves_of(f_shard, frozen), batch_shard),
+                    out_shardings=(_leaves_of(state_shard, current_state()), rep, rep),
+                    donate_argnums=0)
   eval_fn = jax.jit(with_activation_sharding(make_eval_step(graphdefs, loss_fn)),
                     in_shardings=(t_shard, f_shard, batch_shard), out_shardings=rep)
-  to_device = lambda batch: mesh_lib.host_batch_to_global(batch, batch_shard)
+  to_device = lambda batch: step_batch(batch, batch_shard)
 
   def policy_state() -> nnx.State:
-    return nnx.merge_state(state["params"], frozen[roles_lib.POLICY])
+    return nnx.merge_state(current_state()["params"], frozen[roles_lib.POLICY])
 
   def role_states() -> dict[str, tuple[nnx.GraphDef, nnx.State]]:
-    current = _trainables(state)
+    current = _trainables(current_state())
     return {name: (gd, nnx.merge_state(current[name], frozen[name]) if name in current
                    else frozen[name])
             for name, gd in graphdefs.items() if name != roles_lib.POLICY}
@@ -570,11 +621,12 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
   def evaluate(step: int) -> None:
     sums: dict[str, list[float]] = {}
     for batch in eval_data:
-      loss_sum, count, aux = eval_fn(_trainables(state), frozen, to_device(batch))
+      loss_sum, count, aux = eval_fn(_trainables(current_state()), frozen, to_device(batch))
       for name, (s_, c_) in {"loss": (loss_sum, count), **aux}.items():
         acc = sums.setdefault(name, [0.0, 0.0])
         acc[0], acc[1] = acc[0] + float(s_), acc[1] + float(c_)
-    record = {name: s_ / c_ if c_ > 0 else float("nan") for name, (s_, c_) in sums.items()}
+    record = {name: s_ / c_ if c_ > 0 else float("nan") for name, (s_, c_) in sums.items()
+              if c_ > 0 or name == "loss"}  # an aux metric with nothing to average: left out
     if "loss" in record and getattr(loss_fn, "is_token_nll", False):
       record["perplexity"] = float(np.exp(min(record["loss"], 50.0)))
     if extra_eval is not None:
@@ -582,12 +634,12 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
     writer.write(step, record, kind="eval")
 
   def save(step: int) -> None:
-    checkpointer.save(step, state, data_iter, {**meta, "step": step})
+    checkpointer.save(step, current_state(), data_iter, {**meta, "step": step})
 
   seq_len = None
   flops_per_token = None
   peak = train_cfg.peak_flops_per_device or metrics_lib.peak_flops_per_device()
-  step = first_step = int(state["step"])
+  step = first_step = int(current_state()["step"])
   timer_start, timer_step = time.time(), step
   # A logged step's record waits here, its metrics still on the device, until the next step
   # is queued: the host then fetches and writes them while the device runs that step, where
@@ -599,10 +651,13 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
     """Stops the run if the record's step or an earlier one diverged; writes the record."""
     nonlocal timer_start, timer_step
     if int(record.bad) >= 0:
-      _raise_diverged(stage, int(record.bad), checkpointer, scaling, state)
+      _raise_diverged(stage, int(record.bad), checkpointer, scaling, current_state())
     if record.metrics is None:
       return
-    m = {k: float(v) for k, v in jax.device_get(record.metrics).items()}
+    # An aux metric with nothing to average this step (count 0, e.g. a gap measured only on
+    # fresh rollouts) is NaN by `_aux_means`: left out of the record, not logged as NaN.
+    m = {k: float(v) for k, v in jax.device_get(record.metrics).items()
+         if k in _STEP_METRICS or not np.isnan(v)}
     if "skipped_steps" in m:
       m["skipped_steps"] = int(m["skipped_steps"])
     # The step's outputs are on the host, so it is done: the time to here is its time.
@@ -639,13 +694,14 @@ def train(*, stage: str, workdir: str, policy: roles_lib.Role, loss_fn: LossFn,
       if step == first_step:  # the first call compiles: minutes of silence on a large model
         logging.info("%s: compiling the train step...", stage)
         compile_start = time.time()
-      state, step_metrics, bad = step_fn(state, frozen, to_device(batch))
+      state_leaves, step_metrics, bad = step_fn(state_leaves, frozen_leaves, to_device(batch))
+      tree = None
       step += 1
       if pending is not None:  # the previous logged step's, while this one runs
         finish(pending)
         pending = None
       if step == first_step + 1:  # keep the first step's compile out of tokens/s
-        jax.block_until_ready(state)
+        jax.block_until_ready(state_leaves)
         logging.info("%s: train step compiled and run once in %.1f s", stage,
                      time.time() - compile_start)
         timer_start = time.time()

@@ -48,12 +48,13 @@ def run(tokenizer_path, workdir):
 
   from llmjax.parallel import mesh as mesh_lib
   from llmjax.stages import RunContext, run_stages
+  from llmjax.train import loop
 
   seen = []
-  to_global = mesh_lib.host_batch_to_global
+  to_step = loop.step_batch
 
   def recording(batch, sharding):  # what the step sees: the global arrays
-    arrays = to_global(batch, sharding)
+    arrays = to_step(batch, sharding)
     digest = hashlib.sha256()
     for k in sorted(arrays):
       digest.update(k.encode())
@@ -62,12 +63,12 @@ def run(tokenizer_path, workdir):
     return arrays
 
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(data=1, fsdp=-1, tensor=1))
-  mesh_lib.host_batch_to_global = recording
+  loop.step_batch = recording
   try:
     run_stages([stage(tokenizer_path)], RunContext(workdir=str(workdir), mesh=mesh,
                                                    rules="fsdp_tensor"))
   finally:
-    mesh_lib.host_batch_to_global = to_global
+    loop.step_batch = to_step
   return seen
 
 

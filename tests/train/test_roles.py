@@ -238,6 +238,40 @@ def test_parameter_driven_batches_resume_exactly(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+class EchoWithFlag(GreedyEcho):
+  """GreedyEcho whose batches carry `odd` `[rows]`: 1 in the 2nd, 4th, ... batch."""
+
+  def next_batch(self, view):
+    odd = float(self.made % 2)
+    return {**super().next_batch(view), "odd": np.full(self.rows, odd, np.float32)}
+
+
+def lm_with_an_odd_metric(model, roles_, batch):
+  loss_sum, count, _ = lm_objective()(model, roles_, batch)
+  return loss_sum, count, {"odd_rows": (jnp.sum(batch["odd"]), jnp.sum(batch["odd"]))}
+
+
+def test_an_aux_metric_with_nothing_to_average_is_left_out_not_nan(tmp_path):
+  writer = metrics_lib.MetricsWriter(str(tmp_path), "rl", 4)
+  try:
+    loop.train(stage="rl", workdir=str(tmp_path), policy=roles.policy_role(TEST_MODEL),
+               loss_fn=lm_with_an_odd_metric, train_data=EchoWithFlag(), eval_data=[],
+               writer=writer,
+               train_cfg=loop.TrainConfig(total_steps=4, log_every=1, eval_every=100,
+                                          checkpoint_every=100),
+               opt_cfg=OptimizerConfig(learning_rate=1e-2, warmup_steps=0))
+  finally:
+    writer.close()
+  def strict(token):  # NaN / Infinity are not JSON: other readers (jq, pandas) choke on them
+    raise ValueError(f"{token} in metrics.jsonl")
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line, parse_constant=strict) for line in f]
+  train = {r["step"]: r for r in records if r["kind"] == "train"}
+  assert sorted(train) == [1, 2, 3, 4]
+  assert [train[s].get("odd_rows") for s in (1, 2, 3, 4)] == [None, 1.0, None, 1.0]
+  assert all("loss" in r and np.isfinite(r["loss"]) for r in train.values())
+
+
 SMALL = dataclasses.replace(TEST_MODEL, d_model=32, d_ff=64, n_heads=2, n_kv_heads=1)
 
 
