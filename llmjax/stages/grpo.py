@@ -188,13 +188,15 @@ def grpo_objective(cfg: GRPOConfig, chunk_size: int = 0):
   return loss_fn
 
 
-def _old_logps_fn(ctx: RunContext, window: int):
+def _old_logps_fn(ctx: RunContext, window: int, chunk_size: int = 0):
   """(graphdef, params, this process's rows) -> their targets' log-probs `[rows, seq]`, by the
   training forward pass (over each row's `window` completion positions, as the loss reads
-  them), with the rows split over the run's batch axes as in a step."""
+  them), with the rows split over the run's batch axes as in a step. It runs over the whole
+  rollout at once, so `chunk_size` (the loss's) matters even more here: unchunked, 256
+  completions x 512 positions of a 152k vocabulary are 80 GB of float32 logits."""
   mesh, rules = mesh_lib.mesh_and_rules(ctx.mesh, ctx.rules)
   rows = mesh_lib.batch_sharding(mesh, rules)
-  forward = jax.jit(lambda gd, p, b: target_logps(nnx.merge(gd, p), b, window)[1],
+  forward = jax.jit(lambda gd, p, b: target_logps(nnx.merge(gd, p), b, window, chunk_size)[1],
                     static_argnums=0, out_shardings=rows)
 
   def old_logps(graphdef, params, batch):
@@ -274,7 +276,8 @@ class GRPO:
                            make_sampler, cfg.resolved_rewards(), rollout_cfg,
                            GroupAdvantages(cfg.num_generations, cfg.advantage,
                                            cfg.scale_rewards, cfg.needs_old_logps,
-                                           _old_logps_fn(ctx, cfg.max_new_tokens)))
+                                           _old_logps_fn(ctx, cfg.max_new_tokens,
+                                                         self.train.loss_chunk_size)))
     held_out = prompts_lib.eval_prompts(eval_ex, self.data, pid, nproc)
     budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
 

@@ -209,3 +209,35 @@ def test_bad_settings_and_failing_rewards():
     raise ValueError("boom")
   with pytest.raises(RewardError, match=r"reward 'broken' raised ValueError: boom.*What is 2"):
     Reward("broken", broken)(completion="4", prompt="What is 2 + 2?")
+
+
+def test_off_policy_steps_chunk_the_old_logps_pass_too(tmp_path, tokenizer_path, monkeypatch):
+  """With num_iterations > 1 the whole rollout's old log-probs come from one forward pass,
+  the largest logits of the stage: it honours TrainConfig.loss_chunk_size like the loss, and
+  its chunked values equal the unchunked ones."""
+  from llmjax.stages import grpo as grpo_lib
+  from llmjax.train import losses
+  chunks = []
+
+  def spy(model, hidden, targets, chunk_size=0, **kw):
+    chunks.append((hidden.shape, chunk_size))
+    return real(model, hidden, targets, chunk_size, **kw)
+  real = losses.token_stats
+  monkeypatch.setattr(losses, "token_stats", spy)
+  st = stage(tokenizer_path, num_iterations=2)
+  st = st.__class__(**{**st.__dict__, "train": loop.TrainConfig(
+      total_steps=2, log_every=1, eval_every=2, checkpoint_every=2, loss_chunk_size=3)})
+  run(tmp_path / "chunked", st)
+  # Traced once each: the old-logps pass over the whole rollout, and the loss's.
+  assert len(chunks) >= 2 and all(c == 3 for _, c in chunks), chunks
+
+  graphdef, params = loop.init_params(TEST_MODEL, 0)
+  rng = np.random.default_rng(0)
+  batch = training_rows([[1, 5, 9], [1, 7]], rng.integers(3, 200, (2, 4, 8)),
+                        np.full((2, 4), 8), seq_len=16)
+  monkeypatch.setattr(losses, "token_stats", real)
+  ctx = RunContext(workdir=str(tmp_path / "x"))
+  chunked = grpo_lib._old_logps_fn(ctx, 8, chunk_size=3)(graphdef, params, batch)
+  whole = grpo_lib._old_logps_fn(ctx, 8)(graphdef, params, batch)
+  assert np.abs(whole).sum() > 0
+  np.testing.assert_allclose(chunked, whole, atol=2e-6)
