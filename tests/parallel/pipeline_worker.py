@@ -175,7 +175,9 @@ def main():
   parser.add_argument("mode", choices=["equal", "resume"])
   parser.add_argument("--workdir")
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  # Added to the suite's XLA flags (tests/conftest.py), not replacing them.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
   os.environ["JAX_PLATFORMS"] = "cpu"
   print(json.dumps({"equal": equal, "resume": resume}[args.mode](args)))
 

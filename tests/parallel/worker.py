@@ -347,7 +347,9 @@ def main():
   parser.add_argument("--num_processes", type=int)
   parser.add_argument("--process_id", type=int)
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  # Added to the suite's XLA flags (tests/conftest.py), not replacing them.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={args.devices}")
   os.environ["JAX_PLATFORMS"] = "cpu"
   from llmjax.parallel import distributed
   if args.coordinator:

@@ -80,7 +80,9 @@ def main():
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  # Added to the suite's XLA flags (tests/conftest.py), not replacing them.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=1")
   os.environ["JAX_PLATFORMS"] = "cpu"
 
   import jax
