@@ -331,7 +331,7 @@ class RolloutSource(loop.BatchSource):
     first = groups = sample(next(self.prompts))
     rounds, wanted = 1, len(first.items)
     # Now, while the device is idle: a jitted call in `metrics()` would wait for the step.
-    first_spread = first.spread() if self.rewards else None
+    first_spread = first.spread() if self.rewards or cfg.dynamic_sampling else None
     if cfg.dynamic_sampling:
       # DAPO's dynamic sampling: groups whose rewards are all equal teach nothing; sample more
       # prompts until the batch is full of groups with a spread (or the rounds run out, then
